@@ -1,0 +1,89 @@
+"""Column names and the output Arrow schema shared by every stage (stages import this, not each other)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+__all__ = [
+    "ID",
+    "SOURCE",
+    "LABEL_SOURCE",
+    "STATUS",
+    "ERROR",
+    "IMAGE_BYTES",
+    "LABEL_BYTES",
+    "IMAGE",
+    "LABEL",
+    "HEIGHT",
+    "WIDTH",
+    "LOGITS",
+    "UPSAMPLE_OFFSET",
+    "RAW_MASK",
+    "MASK",
+    "OK",
+    "ErrorKind",
+    "OUTPUT_SCHEMA",
+    "TIMING_COLUMNS",
+    "NODE_COLUMNS",
+]
+
+# Work item / row identity
+ID = "image_id"  # str, from the object key (relative path without extension)
+SOURCE = "source"  # str, URI of the image
+LABEL_SOURCE = "label_source"  # str | None, URI of the ground-truth PNG
+STATUS = "status"  # "ok" or an ErrorKind value
+ERROR = "error"  # str | None, human-readable reason
+
+# In-flight columns (never written)
+IMAGE_BYTES = "image_bytes"  # bytes, encoded image as stored
+LABEL_BYTES = "label_bytes"  # bytes | None, encoded label PNG
+IMAGE = "image"  # uint8 (H, W, 3) RGB, C-contiguous
+LABEL = "label"  # uint8 (H, W), 255 = void; empty (0, 0) array when no label
+LOGITS = "logits"  # float16 (C, h, w) DCNN scores at stride 8
+UPSAMPLE_OFFSET = "upsample_offset"  # int, top-left crop offset after x8 interpolation (model family)
+
+# Output columns
+HEIGHT = "height"
+WIDTH = "width"
+RAW_MASK = "raw_mask"  # uint8 (H, W) argmax of the DCNN (in flight); raw_mask_png in the output
+MASK = "mask"  # uint8 (H, W) final mask (CRF when on)
+
+OK = "ok"
+
+
+class ErrorKind:
+    """Values of the `status` column for rows that did not produce a mask."""
+
+    READ = "read_error"  # object missing or unreadable
+    DECODE = "decode_error"  # not an image, truncated, unsupported
+    TOO_LARGE = "too_large"  # over the pixel limit (decompression bomb guard)
+    LABEL = "label_error"  # label missing, undecodable, wrong size
+    DCNN = "dcnn_error"
+    CRF = "crf_error"
+    ENCODE = "encode_error"
+
+
+TIMING_COLUMNS = ("decode_s", "dcnn_s", "crf_s", "encode_s")
+NODE_COLUMNS = ("dcnn_node", "crf_node")
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(SOURCE, pa.string(), nullable=False),
+        pa.field(LABEL_SOURCE, pa.string()),
+        pa.field(HEIGHT, pa.int32()),
+        pa.field(WIDTH, pa.int32()),
+        pa.field(STATUS, pa.string(), nullable=False),
+        pa.field(ERROR, pa.string()),
+        pa.field("mask_png", pa.binary()),
+        pa.field("raw_mask_png", pa.binary()),
+        # Per-image confusion counts, flattened C*C int64 (row = ground truth, column = prediction), void skipped.
+        pa.field("confusion_raw", pa.list_(pa.int64())),
+        pa.field("confusion_crf", pa.list_(pa.int64())),
+        pa.field("num_classes", pa.int32()),
+        pa.field("model_variant", pa.string()),
+        pa.field("model_digest", pa.string()),
+        *[pa.field(name, pa.float32()) for name in TIMING_COLUMNS],
+        *[pa.field(name, pa.string()) for name in NODE_COLUMNS],
+    ]
+)

@@ -1,0 +1,264 @@
+"""Object storage in one place: URIs, the S3 client config, and byte-level I/O for local paths and ``s3://``.
+
+boto3 lists and probes (it honours ``AWS_ENDPOINT_URL`` and the whole credential chain); pyarrow's S3FileSystem
+moves data (it ignores ``AWS_ENDPOINT_URL``, so the endpoint is passed explicitly). Credentials are never stored in
+``StorageConfig``: they are resolved from the standard AWS chain inside each process, so no config we write out can
+carry a secret. Clients are created lazily per process (boto3 clients are not fork/pickle-safe).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+__all__ = [
+    "StorageConfig",
+    "StorageError",
+    "is_s3",
+    "split_s3",
+    "join",
+    "filesystem",
+    "s3_client",
+    "read_bytes",
+    "write_bytes",
+    "list_files",
+    "exists",
+    "delete",
+    "check_access",
+    "redact",
+]
+
+
+class StorageError(RuntimeError):
+    """Storage is unreachable or misconfigured; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How to reach object storage. Holds no secrets: credentials come from the AWS chain in each process."""
+
+    endpoint_url: str | None = None  # S3-compatible endpoint, e.g. "http://127.0.0.1:9000"; None = AWS
+    region: str = "us-east-1"
+    retry_mode: str = "standard"  # botocore retry mode: "standard" or "adaptive"
+    max_attempts: int = 8  # botocore/pyarrow attempts per request, retries on 5xx, SlowDown, resets
+    connect_timeout_s: float = 5.0
+    request_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"storage.endpoint_url must start with http:// or https://, got {self.endpoint_url!r}"
+            )
+        if self.retry_mode not in ("standard", "adaptive", "legacy"):
+            raise ValueError(f"storage.retry_mode must be standard, adaptive or legacy, got {self.retry_mode!r}")
+        if self.max_attempts < 1:
+            raise ValueError(f"storage.max_attempts must be >= 1, got {self.max_attempts}")
+
+    @classmethod
+    def from_env(cls, **overrides) -> StorageConfig:
+        """Endpoint and region from the standard AWS variables, then explicit overrides."""
+        values = {
+            "endpoint_url": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+            "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_s3(uri):
+        raise ValueError(f"expected an s3:// URI, got {uri!r}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI has no bucket: {uri!r}")
+    return bucket, key
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI/path parts with '/', never escaping ``base``: parts are relative keys."""
+    out = base.rstrip("/")
+    for part in parts:
+        part = part.strip("/")
+        if not part:
+            continue
+        if any(seg in ("..", ".") for seg in part.split("/")):
+            raise ValueError(f"path part {part!r} may not contain '.' or '..' segments")
+        out = f"{out}/{part}"
+    return out
+
+
+def redact(text: str) -> str:
+    """Remove any AWS secret visible in this process's environment from a message before it is logged or stored."""
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID"):
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+@functools.lru_cache(maxsize=8)
+def _boto_session():
+    import boto3
+
+    return boto3.session.Session()
+
+
+@functools.lru_cache(maxsize=8)
+def s3_client(cfg: StorageConfig):
+    """A boto3 S3 client for this process (cached per config)."""
+    from botocore.config import Config
+
+    return _boto_session().client(
+        "s3",
+        endpoint_url=cfg.endpoint_url,
+        region_name=cfg.region,
+        config=Config(
+            retries={"mode": cfg.retry_mode, "max_attempts": cfg.max_attempts},
+            connect_timeout=cfg.connect_timeout_s,
+            read_timeout=cfg.request_timeout_s,
+            s3={"addressing_style": "path"} if cfg.endpoint_url else {},
+        ),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
+    creds = _boto_session().get_credentials()
+    kwargs: dict = {}
+    if creds is not None:
+        frozen = creds.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
+        if frozen.token:
+            kwargs["session_token"] = frozen.token
+    else:
+        kwargs["anonymous"] = True
+    if cfg.endpoint_url:
+        scheme, _, host = cfg.endpoint_url.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    return pafs.S3FileSystem(
+        region=cfg.region,
+        connect_timeout=cfg.connect_timeout_s,
+        request_timeout=cfg.request_timeout_s,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts),
+        **kwargs,
+    )
+
+
+def filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it for ``uri`` (``bucket/key`` for S3, absolute path locally)."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        return _s3_filesystem(cfg), f"{bucket}/{key}".rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def read_bytes(uri: str, cfg: StorageConfig) -> bytes:
+    fs, path = filesystem(uri, cfg)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig) -> None:
+    """Write atomically: a reader sees the old object, nothing, or the whole new object, never a partial one.
+
+    S3 PUTs (single or multipart) only appear on completion; locally we write a temp file and rename it.
+    """
+    if is_s3(uri):
+        fs, path = filesystem(uri, cfg)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    path = Path(uri).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def list_files(prefix: str, cfg: StorageConfig, suffixes: tuple[str, ...] | None = None) -> list[str]:
+    """All object URIs (or file paths) under ``prefix``, recursively, sorted; hidden/temp files excluded."""
+    suffixes = tuple(s.lower() for s in suffixes) if suffixes else None
+    out: list[str] = []
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        key = key.rstrip("/") + "/" if key else ""
+        paginator = s3_client(cfg).get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                name = obj["Key"]
+                if _listable(name[len(key) :], suffixes):
+                    out.append(f"s3://{bucket}/{name}")
+    else:
+        root = Path(prefix).expanduser()
+        if root.is_dir():
+            for p in root.rglob("*"):
+                if p.is_file() and _listable(p.relative_to(root).as_posix(), suffixes):
+                    out.append(str(p))
+    return sorted(out)
+
+
+def _listable(rel: str, suffixes: tuple[str, ...] | None) -> bool:
+    if any(part.startswith(".") or part.startswith("_tmp") for part in rel.split("/")):
+        return False
+    return suffixes is None or rel.lower().endswith(suffixes)
+
+
+def exists(uri: str, cfg: StorageConfig) -> bool:
+    fs, path = filesystem(uri, cfg)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def delete(uri: str, cfg: StorageConfig) -> None:
+    fs, path = filesystem(uri, cfg)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def check_access(uri: str, cfg: StorageConfig, *, what: str) -> None:
+    """Fail fast with a message naming the fix when ``uri``'s bucket (or local parent) can't be reached."""
+    if not is_s3(uri):
+        if what == "input" and not Path(uri).expanduser().exists():
+            raise StorageError(f"{what} path {uri} does not exist: check the path")
+        return
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    bucket, _ = split_s3(uri)
+    endpoint = cfg.endpoint_url or "AWS S3"
+    try:
+        s3_client(cfg).head_bucket(Bucket=bucket)
+    except EndpointConnectionError as e:
+        raise StorageError(
+            f"cannot reach the S3 endpoint {endpoint} for the {what} {uri}: is it running? "
+            "Fix storage.endpoint_url (or AWS_ENDPOINT_URL)"
+        ) from e
+    except NoCredentialsError as e:
+        raise StorageError(
+            f"no AWS credentials found for the {what} {uri}: set AWS_PROFILE or AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, or use an instance role / service account"
+        ) from e
+    except ClientError as e:
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket"):
+            raise StorageError(
+                f"bucket {bucket!r} for the {what} {uri} does not exist at {endpoint}: create it or fix the URI"
+            ) from e
+        if code in ("403", "AccessDenied"):
+            raise StorageError(
+                f"access denied to bucket {bucket!r} for the {what} {uri}: check the credentials' permissions"
+            ) from e
+        raise StorageError(redact(f"S3 error for the {what} {uri}: {code} {e}")) from e

@@ -1,0 +1,50 @@
+"""Shared fixtures: a real moto S3 server on 127.0.0.1 and a real local Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from pipeline.services import LOCAL_S3_ENV, LocalS3
+from pipeline.storage import StorageConfig, s3_client
+
+
+@pytest.fixture(scope="session")
+def local_s3():
+    """A moto server (HTTP, 127.0.0.1, free port). Credentials go into os.environ so Ray workers inherit them."""
+    saved = {k: os.environ.get(k) for k in (*LOCAL_S3_ENV, "AWS_ENDPOINT_URL")}
+    os.environ.update(LOCAL_S3_ENV)
+    with LocalS3() as s3:
+        yield s3
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def storage_cfg(local_s3) -> StorageConfig:
+    return StorageConfig(endpoint_url=local_s3.endpoint_url, max_attempts=3)
+
+
+@pytest.fixture
+def bucket(storage_cfg) -> str:
+    """A fresh, empty bucket; returns its s3:// URI."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client(storage_cfg).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def ray_local(local_s3):
+    """A local Ray cluster with more logical CPUs than cores (avoids the actor-pool CPU deadlock on 2 cores)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

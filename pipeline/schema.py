@@ -18,6 +18,7 @@ __all__ = [
     "WIDTH",
     "LOGITS",
     "UPSAMPLE_OFFSET",
+    "LABEL_PROBLEM",
     "RAW_MASK",
     "MASK",
     "OK",
@@ -41,6 +42,7 @@ IMAGE = "image"  # uint8 (H, W, 3) RGB, C-contiguous
 LABEL = "label"  # uint8 (H, W), 255 = void; empty (0, 0) array when no label
 LOGITS = "logits"  # float16 (C, h, w) DCNN scores at stride 8
 UPSAMPLE_OFFSET = "upsample_offset"  # int, top-left crop offset after x8 interpolation (model family)
+LABEL_PROBLEM = "label_problem"  # str | None: why the label can't be used (the mask is still produced)
 
 # Output columns
 HEIGHT = "height"
@@ -57,7 +59,7 @@ class ErrorKind:
     READ = "read_error"  # object missing or unreadable
     DECODE = "decode_error"  # not an image, truncated, unsupported
     TOO_LARGE = "too_large"  # over the pixel limit (decompression bomb guard)
-    LABEL = "label_error"  # label missing, undecodable, wrong size
+    LABEL = "label_error"  # label unusable (missing, undecodable, wrong size, bad values); mask still written
     DCNN = "dcnn_error"
     CRF = "crf_error"
     ENCODE = "encode_error"

@@ -1,0 +1,211 @@
+"""Job configuration: one frozen tree built once from YAML plus command-line overrides, validated, saved secret-free.
+
+Each stage receives only its own slice (``cfg.decode``, ``cfg.dcnn``, ``cfg.crf``, ``cfg.pools``, ``cfg.storage``).
+Unknown keys are rejected with the list of known ones, so a typo fails fast instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.crf import CRFConfig, crf_config_for
+from pipeline.dcnn import DCNNConfig
+from pipeline.decode import DecodeConfig
+from pipeline.storage import StorageConfig
+
+__all__ = ["ConfigError", "PoolConfig", "ReadConfig", "WriteConfig", "JobConfig", "load_job_config"]
+
+INPUT_FORMATS = ("auto", "voc", "images", "shards")
+
+
+class ConfigError(ValueError):
+    """The job configuration is invalid; the message names the key and the expected value."""
+
+
+@dataclass(frozen=True)
+class ReadConfig:
+    input_uri: str  # VOC root, prefix of images, or a shards prefix (local path or s3://)
+    labels_uri: str | None = None  # prefix of label PNGs named <image_id>.png (image-prefix inputs)
+    input_format: str = "auto"  # auto | voc | images | shards
+    split: str | None = None  # VOC only: ImageSets/Segmentation/<split>.txt; None = every image in JPEGImages
+    items_per_block: int = 8  # work items per Ray Data block: small blocks keep the stages streaming
+
+    def __post_init__(self) -> None:
+        if self.input_format not in INPUT_FORMATS:
+            raise ConfigError(f"read.input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
+        if self.items_per_block < 1:
+            raise ConfigError(f"read.items_per_block must be >= 1, got {self.items_per_block}")
+
+
+@dataclass(frozen=True)
+class WriteConfig:
+    output_uri: str
+    rows_per_file: int = 64  # rows per Parquet part; a part is the unit of commit and resume
+
+    def __post_init__(self) -> None:
+        if self.rows_per_file < 1:
+            raise ConfigError(f"write.rows_per_file must be >= 1, got {self.rows_per_file}")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Actor pool bounds. ``None`` maxima are sized from the cluster's resources by flow.plan_pools."""
+
+    dcnn_min_actors: int = 1
+    dcnn_max_actors: int | None = None
+    dcnn_num_cpus: float = 1.0  # CPU slots per DCNN actor when the cluster has no GPU
+    dcnn_num_cpus_with_gpu: float = 1.0  # CPU slots reserved beside each GPU
+    crf_min_actors: int = 1
+    crf_max_actors: int | None = None
+    crf_resource: str | None = None  # custom resource marking CRF nodes (e.g. "crf"); None = any CPU node
+    task_cpus: float = 1.0  # CPU slots kept free for read/decode/encode/write tasks (deadlock guard)
+
+    def __post_init__(self) -> None:
+        for name in ("dcnn_min_actors", "crf_min_actors"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"pools.{name} must be >= 1, got {getattr(self, name)}")
+        for lo, hi in (("dcnn_min_actors", "dcnn_max_actors"), ("crf_min_actors", "crf_max_actors")):
+            if getattr(self, hi) is not None and getattr(self, hi) < getattr(self, lo):
+                raise ConfigError(f"pools.{hi} ({getattr(self, hi)}) must be >= pools.{lo} ({getattr(self, lo)})")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    read: ReadConfig
+    write: WriteConfig
+    dcnn: DCNNConfig
+    crf: CRFConfig | None  # None = --no-crf
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    pools: PoolConfig = field(default_factory=PoolConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    evaluate: bool = True  # compute dataset metrics and the report at the end when labels exist
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for `_manifest.json`. The config holds no secrets by construction (see storage.py)."""
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {
+    "read": ReadConfig,
+    "write": WriteConfig,
+    "dcnn": DCNNConfig,
+    "decode": DecodeConfig,
+    "pools": PoolConfig,
+    "storage": StorageConfig,
+}
+# Top-level shortcuts (the command line's names) and where they land.
+_SHORTCUTS = {
+    "input": ("read", "input_uri"),
+    "labels": ("read", "labels_uri"),
+    "input_format": ("read", "input_format"),
+    "split": ("read", "split"),
+    "output": ("write", "output_uri"),
+    "model": ("dcnn", "model_uri"),
+    "variant": ("dcnn", "expected_variant"),
+}
+
+
+def _check_keys(section: str, given: dict, allowed: typing.Iterable[str]) -> None:
+    allowed = sorted(allowed)
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in {section!r}; known keys: {allowed}")
+
+
+def _coerce(cls: type, section: str, values: dict) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    _check_keys(section, values, names)
+    out = {}
+    for key, value in values.items():
+        hint = hints[key]
+        base = [t for t in typing.get_args(hint) if t is not type(None)] if _is_optional(hint) else [hint]
+        if value is None or not base:
+            out[key] = value
+            continue
+        target = base[0]
+        if target is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if target in (int, float, str, bool) and not isinstance(value, target):
+            raise ConfigError(f"{section}.{key} must be {target.__name__}, got {value!r}")
+        out[key] = value
+    try:
+        return cls(**out)
+    except TypeError as e:
+        raise ConfigError(f"{section}: {e}") from e
+    except ValueError as e:
+        raise ConfigError(f"{section}: {e}") from e
+
+
+def _is_optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+
+
+def load_job_config(path: str | None = None, **overrides: Any) -> tuple[JobConfig, dict[str, Any]]:
+    """Build the job config from an optional YAML file and overrides (None values are ignored).
+
+    Returns the config with ``crf`` still unresolved (variant-dependent defaults) and the raw CRF overrides; call
+    ``resolve_crf(cfg, variant, crf_overrides)`` once the checkpoint's variant is known.
+    """
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    crf_raw: dict[str, Any] = {}
+    evaluate = True
+    for key, value in {**raw, **{k: v for k, v in overrides.items() if v is not None}}.items():
+        if key in _SHORTCUTS:
+            section, name = _SHORTCUTS[key]
+            sections[section][name] = value
+        elif key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key!r} must be a mapping, got {value!r}")
+            sections[key].update(value)
+        elif key == "crf":
+            if value is False:
+                crf_raw = {"enabled": False}
+            elif isinstance(value, dict):
+                crf_raw.update(value)
+            else:
+                raise ConfigError(f"'crf' must be a mapping or false, got {value!r}")
+        elif key == "evaluate":
+            evaluate = bool(value)
+        else:
+            known = sorted([*_SHORTCUTS, *_SECTIONS, "crf", "evaluate"])
+            raise ConfigError(f"unknown top-level key {key!r}; known keys: {known}")
+    for section, name in (("read", "input_uri"), ("write", "output_uri"), ("dcnn", "model_uri")):
+        if not sections[section].get(name):
+            flag = {"input_uri": "--input", "output_uri": "--output", "model_uri": "--model"}[name]
+            raise ConfigError(f"missing {flag} (or {section}.{name} in the config file)")
+    built = {name: _coerce(cls, name, sections[name]) for name, cls in _SECTIONS.items()}
+    cfg = JobConfig(crf=None, evaluate=evaluate, **built)
+    return cfg, crf_raw
+
+
+def resolve_crf(cfg: JobConfig, variant: str, crf_raw: dict[str, Any]) -> JobConfig:
+    """Fill in the CRF slice from the variant's published parameters plus the user's overrides."""
+    crf_raw = dict(crf_raw)
+    if not crf_raw.pop("enabled", True):
+        return dataclasses.replace(cfg, crf=None)
+    _check_keys("crf", crf_raw, [f.name for f in dataclasses.fields(CRFConfig)])
+    try:
+        crf = crf_config_for(variant, **crf_raw)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"crf: {e}") from e
+    return dataclasses.replace(cfg, crf=crf)

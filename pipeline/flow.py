@@ -1,0 +1,134 @@
+"""The whole pipeline in one screen: read -> decode -> DCNN actors -> CRF actors -> encode -> write (-> metrics).
+
+This is the only module that knows Ray resources (GPUs, CPU slots, actor pools, batch sizes). Every stage below is
+a plain function or callable class that maps a batch dict of named columns to another; rows that failed carry
+``status``/``error`` and pass through, so one bad image never fails a block.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+from ray.data import ActorPoolStrategy, DataContext
+
+from pipeline import schema as S
+from pipeline.config import ConfigError, JobConfig, PoolConfig
+from pipeline.crf import CRFRefiner
+from pipeline.dcnn import DeepLabPredictor
+from pipeline.decode import decode_batch
+from pipeline.encode import EncodeConfig, encode_batch, to_table
+from pipeline.read import fetch_batch
+from pipeline.storage import StorageConfig
+from pipeline.write import summary_batch, write_part
+
+__all__ = ["PoolPlan", "plan_pools", "build_dataset", "execute"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    dcnn_num_gpus: float
+    dcnn_num_cpus: float
+    dcnn_size: tuple[int, int]  # (min, max) actors
+    crf_size: tuple[int, int]
+    crf_resources: dict[str, float]
+
+
+def plan_pools(resources: dict[str, float], pools: PoolConfig, *, crf_enabled: bool = True) -> PoolPlan:
+    """Size the actor pools from the cluster's resources, keeping CPU slots free for tasks (no deadlock)."""
+    cpus, gpus = float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    if gpus >= 1:
+        dcnn_gpus, dcnn_cpus = 1.0, pools.dcnn_num_cpus_with_gpu
+        dcnn_max = pools.dcnn_max_actors or gpus
+    else:
+        dcnn_gpus, dcnn_cpus = 0.0, pools.dcnn_num_cpus
+        dcnn_max = pools.dcnn_max_actors or pools.dcnn_min_actors
+    crf_min = pools.crf_min_actors if crf_enabled else 0
+    need = pools.dcnn_min_actors * dcnn_cpus + crf_min + pools.task_cpus
+    if need > cpus:
+        raise ConfigError(
+            f"the cluster has {cpus:g} CPU slots but the pools need {need:g} "
+            f"({pools.dcnn_min_actors} DCNN x {dcnn_cpus:g} + {crf_min} CRF + {pools.task_cpus:g} for tasks): "
+            "lower pools.*_min_actors or pools.dcnn_num_cpus, or add CPUs"
+        )
+    crf_resources = {pools.crf_resource: 1.0} if pools.crf_resource else {}
+    if pools.crf_resource:
+        crf_room = int(resources.get(pools.crf_resource, 0))
+        if crf_enabled and crf_room < crf_min:
+            raise ConfigError(f"pools.crf_resource={pools.crf_resource!r} but the cluster has {crf_room} of it")
+    else:
+        crf_room = int(cpus - dcnn_max * dcnn_cpus - pools.task_cpus)
+    crf_max = pools.crf_max_actors or max(crf_min, crf_room)
+    return PoolPlan(dcnn_gpus, dcnn_cpus, (pools.dcnn_min_actors, dcnn_max), (crf_min, crf_max), crf_resources)
+
+
+def encode_and_write(batch: dict, encode_cfg: EncodeConfig, output_uri: str, storage_cfg: StorageConfig) -> dict:
+    table = to_table(encode_batch(batch, encode_cfg))
+    return summary_batch(table, write_part(table, output_uri, storage_cfg))
+
+
+def build_dataset(items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan) -> ray.data.Dataset:
+    ctx = DataContext.get_current()
+    ctx.wait_for_min_actors_s = 600  # a cluster that can't place the pools fails instead of hanging
+    ctx.execution_no_progress_timeout_s = 900
+    num_blocks = max(1, math.ceil(len(items) / cfg.read.items_per_block))
+    ds = ray.data.from_items(items, override_num_blocks=num_blocks)
+    ds = ds.map_batches(fetch_batch, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=None)  # bytes per row
+    ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg.decode}, batch_size=None)  # RGB uint8 + label
+    ds = ds.map_batches(  # logits: float16 (C, h, w) at stride 8, raw_mask: uint8 (H, W)
+        DeepLabPredictor,
+        fn_constructor_kwargs={"cfg": cfg.dcnn, "storage_cfg": cfg.storage},
+        batch_size=cfg.dcnn.batch_size,
+        compute=ActorPoolStrategy(min_size=plan.dcnn_size[0], max_size=plan.dcnn_size[1]),
+        num_gpus=plan.dcnn_num_gpus,
+        num_cpus=plan.dcnn_num_cpus,
+    )
+    if cfg.crf is not None:
+        ds = ds.map_batches(  # mask: uint8 (H, W), one dense CRF at a time per actor process
+            CRFRefiner,
+            fn_constructor_kwargs={"cfg": cfg.crf},
+            batch_size=1,
+            compute=ActorPoolStrategy(min_size=plan.crf_size[0], max_size=plan.crf_size[1]),
+            num_cpus=1,
+            resources=plan.crf_resources or None,
+        )
+    return ds.map_batches(  # PNG masks + confusion counts -> one committed Parquet part per batch
+        encode_and_write,
+        fn_kwargs={"encode_cfg": encode_cfg, "output_uri": cfg.write.output_uri, "storage_cfg": cfg.storage},
+        batch_size=cfg.write.rows_per_file,
+    )
+
+
+def execute(ds: ray.data.Dataset, total: int, *, log_every_s: float = 10.0) -> dict:
+    """Stream the dataset to completion; return counts, timings and the nodes each stage ran on."""
+    counts: Counter = Counter()
+    nodes: dict[str, set] = {c: set() for c in S.NODE_COLUMNS}
+    stage_s: Counter = Counter()
+    done, t0, last = 0, time.monotonic(), time.monotonic()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        done += len(batch[S.ID])
+        counts.update(batch[S.STATUS].tolist())
+        for c in S.NODE_COLUMNS:
+            nodes[c].update(v for v in batch[c].tolist() if v)
+        for c in S.TIMING_COLUMNS:
+            stage_s[c] += float(np.nansum(batch[c].astype(np.float64)))
+        if time.monotonic() - last > log_every_s:
+            last = time.monotonic()
+            rate = done / (last - t0)
+            log.info("progress: %d/%d images (%.2f images/s, %d errors)", done, total, rate, done - counts[S.OK])
+    wall = time.monotonic() - t0
+    return {
+        "processed": done,
+        "status_counts": dict(counts),
+        "wall_s": wall,
+        "images_per_s": done / wall if wall > 0 else 0.0,
+        "stage_s": dict(stage_s),
+        "nodes": {k: sorted(v) for k, v in nodes.items()},
+    }

@@ -1,0 +1,131 @@
+"""The segment job's driver: fail fast on bad config/storage/model, resume, run the flow, verify, record, evaluate.
+
+``deeplab segment`` and ``jobs/segment.py`` (the ``ray job submit`` entrypoint) both call ``run_segment``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import platform
+import time
+from importlib import metadata
+from typing import Any
+
+from pipeline import schema as S
+from pipeline.config import JobConfig, resolve_crf
+from pipeline.encode import EncodeConfig
+from pipeline.read import list_inputs
+from pipeline.storage import StorageError, check_access, read_bytes
+from pipeline.weights import checkpoint_digest, load_checkpoint_bytes
+from pipeline.write import MASKS_DIR, load_done, write_manifest
+
+__all__ = ["JobError", "run_segment"]
+
+log = logging.getLogger(__name__)
+
+
+class JobError(RuntimeError):
+    """The job could not start or finish; the message is the one-line cause."""
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("deeplab-pipeline", "ray", "torch", "pydensecrf2", "pyarrow", "numpy", "pillow", "boto3"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def load_model_meta(cfg: JobConfig) -> tuple[dict, str]:
+    """Read and validate the checkpoint on the driver (fail fast) and return its metadata and sha256 digest."""
+    try:
+        data = read_bytes(cfg.dcnn.model_uri, cfg.storage)
+    except (FileNotFoundError, OSError) as e:
+        raise JobError(f"cannot read the model {cfg.dcnn.model_uri}: {e}. Fix --model") from e
+    try:
+        _, meta = load_checkpoint_bytes(data, expected_variant=cfg.dcnn.expected_variant)
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad model file/path
+        raise JobError(f"the model {cfg.dcnn.model_uri} is not a usable checkpoint: {e}") from e
+    return meta, checkpoint_digest(data)
+
+
+def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:
+    import ray
+
+    from pipeline.flow import build_dataset, execute, plan_pools
+
+    t0 = time.monotonic()
+    try:
+        check_access(cfg.read.input_uri, cfg.storage, what="input")
+        check_access(cfg.write.output_uri, cfg.storage, what="output")
+    except StorageError as e:
+        raise JobError(str(e)) from e
+    meta, digest = load_model_meta(cfg)
+    cfg = resolve_crf(cfg, meta["variant"], crf_raw or {})
+    cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, num_classes=meta["num_classes"]))
+    fmt, items = list_inputs(
+        cfg.read.input_uri,
+        cfg.storage,
+        input_format=cfg.read.input_format,
+        labels_uri=cfg.read.labels_uri,
+        split=cfg.read.split,
+    )
+    if not items:
+        raise JobError(f"no input images found under {cfg.read.input_uri} (format {fmt}): check --input")
+    done = load_done(cfg.write.output_uri, cfg.storage)
+    input_ids = {it[S.ID] for it in items}
+    todo = [it for it in items if it[S.ID] not in done.ids]
+    log.info(
+        "%d inputs (%s), %d already done, %d to process; model %s (%s), CRF %s",
+        len(items), fmt, len(items) - len(todo), len(todo), meta["variant"], digest[:12],
+        "on" if cfg.crf else "off",
+    )  # fmt: skip
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    plan = plan_pools(ray.cluster_resources(), cfg.pools, crf_enabled=cfg.crf is not None)
+    encode_cfg = EncodeConfig(num_classes=meta["num_classes"], model_variant=meta["variant"], model_digest=digest)
+    run: dict = {"processed": 0, "status_counts": {}, "wall_s": 0.0, "images_per_s": 0.0, "stage_s": {}, "nodes": {}}
+    if todo:
+        run = execute(build_dataset(todo, cfg, encode_cfg, plan), len(todo))
+
+    after = load_done(cfg.write.output_uri, cfg.storage)
+    missing = sorted(input_ids - after.ids)
+    if after.duplicates or missing:
+        raise JobError(
+            f"output check failed: {len(missing)} inputs without a row (e.g. {missing[:3]}), "
+            f"{len(after.duplicates)} duplicated rows (e.g. {after.duplicates[:3]})"
+        )
+    manifest = {
+        "config": cfg.to_dict(),
+        "input_format": fmt,
+        "model": {"variant": meta["variant"], "num_classes": meta["num_classes"], "digest": digest},
+        "class_names": meta.get("class_names"),
+        "counts": {
+            "inputs": len(items),
+            "rows": len(after.ids & input_ids),
+            "done_before": len(items) - len(todo),
+            "processed_this_run": run["processed"],
+            "status": dict(after.status_counts),
+            "errors": sum(v for k, v in after.status_counts.items() if k != S.OK),
+        },
+        "run": {**run, "pools": dataclasses.asdict(plan), "total_wall_s": time.monotonic() - t0},
+        "outputs": {"masks": f"{cfg.write.output_uri.rstrip('/')}/{MASKS_DIR}/"},
+        "versions": _versions(),
+    }
+    if cfg.evaluate and any(it[S.LABEL_SOURCE] for it in items):
+        from pipeline.evaluate import evaluate_output
+
+        metrics = evaluate_output(
+            cfg.write.output_uri, storage_cfg=cfg.storage, class_names=meta.get("class_names"), use_ray=True
+        )
+        manifest["metrics"] = {
+            "mean_iou_raw": metrics["raw"]["mean_iou"],
+            "mean_iou_crf": metrics["crf"]["mean_iou"] if metrics.get("crf") else None,
+            "report": f"{cfg.write.output_uri.rstrip('/')}/report/",
+        }
+    write_manifest(cfg.write.output_uri, manifest, cfg.storage)
+    return manifest
+

@@ -21,7 +21,9 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-crf", action="store_true", help="skip the dense CRF (masks are the DCNN argmax)")
     p.add_argument("--no-evaluate", action="store_true", help="don't compute metrics at the end")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
-    p.add_argument("--config", help="job YAML (keys: input, output, model, read, write, dcnn, crf, pools, ...)")
+    p.add_argument(
+        "--config", help="job YAML (keys: input, output, model, read, write, dcnn, crf, pools, ...)"
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
 
 
@@ -60,11 +62,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.storage import StorageConfig
 
     storage = StorageConfig.from_env(endpoint_url=args.endpoint_url)
-    metrics = evaluate_output(args.masks, storage_cfg=storage, labels_uri=args.labels, use_ray=not args.no_ray)
+    metrics = evaluate_output(
+        args.masks, storage_cfg=storage, labels_uri=args.labels, use_ray=not args.no_ray
+    )
     crf = metrics.get("crf") or {}
     print(f"images {metrics['num_images']}  errors {metrics['num_errors']}")
-    print(f"mean IoU  raw {100 * (metrics['raw']['mean_iou'] or 0):.2f}  crf {100 * (crf.get('mean_iou') or 0):.2f}")
+    print(
+        f"mean IoU  raw {100 * (metrics['raw']['mean_iou'] or 0):.2f}  crf {100 * (crf.get('mean_iou') or 0):.2f}"
+    )
     print(f"report: {args.masks.rstrip('/')}/report/")
+    return 0
+
+
+def cmd_import_caffe(args: argparse.Namespace) -> int:
+    from pipeline.storage import StorageConfig
+    from pipeline.weights import import_caffe
+
+    meta = import_caffe(
+        args.caffemodel,
+        variant=args.variant,
+        output_uri=args.output,
+        num_classes=args.num_classes,
+        storage_cfg=StorageConfig.from_env(endpoint_url=args.endpoint_url),
+    )
+    print(f"wrote {args.output}: {meta['variant']}, {meta['num_classes']} classes, sha256:{meta['digest'][:12]}")
     return 0
 
 
@@ -90,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true", help="single process")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("import-caffe", help="convert a DeepLab v1 .caffemodel into a checkpoint (no Caffe needed)")
+    p.add_argument("caffemodel", help="path to the .caffemodel (v1 `layers` format)")
+    p.add_argument("--variant", required=True, help="deeplab | deeplab-msc | deeplab-largefov | ...")
+    p.add_argument("--output", required=True, help="checkpoint path or s3:// URI")
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--endpoint-url")
+    p.set_defaults(func=cmd_import_caffe)
+
     for name, (_, _, text) in PASSTHROUGH.items():
         sub.add_parser(name, help=f"{text} (see deeplab {name} --help)")
     return parser
@@ -100,7 +129,6 @@ PASSTHROUGH = {
     "make-scenes": ("pipeline.scenes", "make_scenes_main", "generate a VOC-layout scene dataset"),
     "shard": ("pipeline.shards", "shard_main", "pack a VOC-layout dataset into Parquet shards"),
     "train": ("jobs.train", "train_main", "train a DeepLab variant on Ray Train"),
-    "import-caffe": ("pipeline.weights", "import_caffe_main", "convert a DeepLab v1 .caffemodel"),
     "submit": ("pipeline.submit", "submit_main", "submit a job to a Ray cluster (Job Submission API)"),
     "jobs": ("pipeline.submit", "jobs_main", "status | logs | stop a submitted job"),
 }

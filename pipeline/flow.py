@@ -62,19 +62,27 @@ def plan_pools(resources: dict[str, float], pools: PoolConfig, *, crf_enabled: b
     if pools.crf_resource:
         crf_room = int(resources.get(pools.crf_resource, 0))
         if crf_enabled and crf_room < crf_min:
-            raise ConfigError(f"pools.crf_resource={pools.crf_resource!r} but the cluster has {crf_room} of it")
+            raise ConfigError(
+                f"pools.crf_resource={pools.crf_resource!r} but the cluster has {crf_room} of it"
+            )
     else:
         crf_room = int(cpus - dcnn_max * dcnn_cpus - pools.task_cpus)
     crf_max = pools.crf_max_actors or max(crf_min, crf_room)
-    return PoolPlan(dcnn_gpus, dcnn_cpus, (pools.dcnn_min_actors, dcnn_max), (crf_min, crf_max), crf_resources)
+    return PoolPlan(
+        dcnn_gpus, dcnn_cpus, (pools.dcnn_min_actors, dcnn_max), (crf_min, crf_max), crf_resources
+    )
 
 
-def encode_and_write(batch: dict, encode_cfg: EncodeConfig, output_uri: str, storage_cfg: StorageConfig) -> dict:
+def encode_and_write(
+    batch: dict, encode_cfg: EncodeConfig, output_uri: str, storage_cfg: StorageConfig
+) -> dict:
     table = to_table(encode_batch(batch, encode_cfg))
     return summary_batch(table, write_part(table, output_uri, storage_cfg))
 
 
-def build_dataset(items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan) -> ray.data.Dataset:
+def build_dataset(
+    items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan
+) -> ray.data.Dataset:
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 600  # a cluster that can't place the pools fails instead of hanging
     ctx.execution_no_progress_timeout_s = 900
@@ -106,6 +114,50 @@ def build_dataset(items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, p
     )
 
 
+def run_single_process(
+    items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, *, batch_size: int = 8
+) -> dict:
+    """The same stages in one process, no Ray: the reference the tests and benchmarks compare the cluster run with."""
+    predictor = DeepLabPredictor(cfg.dcnn, cfg.storage)
+    refiner = CRFRefiner(cfg.crf) if cfg.crf is not None else None
+    statuses: Counter = Counter()
+    t0 = time.monotonic()
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        batch = {k: np.array([it[k] for it in chunk], dtype=object) for k in chunk[0]}
+        batch = decode_batch(fetch_batch(batch, cfg.storage), cfg.decode)
+        batch = predictor(batch)
+        if refiner is not None:
+            batch = _concat([refiner(_take(batch, i)) for i in range(len(chunk))])
+        statuses.update(
+            encode_and_write(batch, encode_cfg, cfg.write.output_uri, cfg.storage)[S.STATUS].tolist()
+        )
+    wall = time.monotonic() - t0
+    return {
+        "processed": len(items),
+        "status_counts": dict(statuses),
+        "wall_s": wall,
+        "images_per_s": len(items) / wall,
+    }
+
+
+def _take(batch: dict, i: int) -> dict:
+    return {k: v[i : i + 1] for k, v in batch.items()}
+
+
+def _concat(batches: list[dict]) -> dict:
+    out = {}
+    for k in batches[0]:
+        parts = [b[k] for b in batches]
+        if all(p.dtype != object for p in parts) and len({p.shape[1:] for p in parts}) == 1:
+            out[k] = np.concatenate(parts)
+        else:
+            out[k] = np.empty(sum(len(p) for p in parts), dtype=object)
+            for j, x in enumerate(x for p in parts for x in p):
+                out[k][j] = x  # element-wise: a list of arrays would be broadcast into a 2-D array
+    return out
+
+
 def execute(ds: ray.data.Dataset, total: int, *, log_every_s: float = 10.0) -> dict:
     """Stream the dataset to completion; return counts, timings and the nodes each stage ran on."""
     counts: Counter = Counter()
@@ -122,7 +174,9 @@ def execute(ds: ray.data.Dataset, total: int, *, log_every_s: float = 10.0) -> d
         if time.monotonic() - last > log_every_s:
             last = time.monotonic()
             rate = done / (last - t0)
-            log.info("progress: %d/%d images (%.2f images/s, %d errors)", done, total, rate, done - counts[S.OK])
+            log.info(
+                "progress: %d/%d images (%.2f images/s, %d errors)", done, total, rate, done - counts[S.OK]
+            )
     wall = time.monotonic() - t0
     return {
         "processed": done,

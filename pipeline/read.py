@@ -100,7 +100,8 @@ def list_inputs(
         {
             S.ID: image_id,
             S.SOURCE: uri,
-            S.LABEL_SOURCE: join(label_root, f"{image_id}.png") if image_id in label_ids else None,
+            # Plain concatenation: keys are data ('../x' is a legal S3 key), not paths to normalise.
+            S.LABEL_SOURCE: f"{label_root.rstrip('/')}/{image_id}.png" if image_id in label_ids else None,
             SHARD: "",
         }
         for image_id, uri in zip(ids, uris, strict=True)
@@ -146,8 +147,9 @@ def fetch_batch(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> dic
     label_problem: list[str | None] = [None] * n
     shard_rows = _read_shard_rows({s for s in batch[SHARD] if s}, set(batch[S.ID]), storage_cfg)
     for i in range(n):
-        image_id, source, label_source = batch[S.ID][i], batch[S.SOURCE][i], batch[S.LABEL_SOURCE][i]
-        shard = batch[SHARD][i]
+        image_id, source, shard = batch[S.ID][i], batch[S.SOURCE][i], batch[SHARD][i]
+        label_source = batch[S.LABEL_SOURCE][i]
+        label_source = label_source if isinstance(label_source, str) else None  # nulls may arrive as NaN
         try:
             if shard:
                 image_bytes[i], label_bytes[i] = shard_rows[(shard, image_id)]

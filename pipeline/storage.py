@@ -163,8 +163,19 @@ def filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
 
 
 def read_bytes(uri: str, cfg: StorageConfig) -> bytes:
-    fs, path = filesystem(uri, cfg)
-    with fs.open_input_stream(path) as f:
+    """Whole-object read. S3 goes through boto3, which keeps keys literal ('a/../b' is a legal key that pyarrow
+    would normalise away) and retries per ``cfg``; a missing object raises FileNotFoundError either way."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            return s3_client(cfg).get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404", "NoSuchBucket"):
+                raise FileNotFoundError(f"no object at {uri}") from e
+            raise
+    with open(Path(uri).expanduser(), "rb") as f:
         return f.read()
 
 
@@ -213,7 +224,8 @@ def list_files(prefix: str, cfg: StorageConfig, suffixes: tuple[str, ...] | None
 
 
 def _listable(rel: str, suffixes: tuple[str, ...] | None) -> bool:
-    if any(part.startswith(".") or part.startswith("_tmp") for part in rel.split("/")):
+    # Hidden names (.DS_Store, our own .<name>.tmp files) are not data; '.' and '..' are legal S3 key segments.
+    if any(part.startswith(".") and part not in (".", "..") for part in rel.split("/")):
         return False
     return suffixes is None or rel.lower().endswith(suffixes)
 

@@ -31,15 +31,19 @@ from pipeline.weights import save_checkpoint
 NUM_CLASSES = 4
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
+def tiny_checkpoint(directory: Path, num_classes: int) -> str:
     import torch
 
     torch.manual_seed(0)
-    model = build_model("deeplab-largefov", num_classes=NUM_CLASSES, width=1 / 16)
-    path = tmp_path_factory.mktemp("model") / "tiny.pt"
-    save_checkpoint(model, str(path), class_names=class_names(NUM_CLASSES), provenance={"source": "test: random init"})
+    model = build_model("deeplab-largefov", num_classes=num_classes, width=1 / 16)
+    path = directory / f"tiny-{num_classes}.pt"
+    save_checkpoint(model, str(path), class_names=class_names(num_classes), provenance={"source": "test: random init"})
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return tiny_checkpoint(tmp_path_factory.mktemp("model"), NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +132,7 @@ def test_no_crf_masks_equal_raw(ray_local, scenes, checkpoint, storage_cfg, buck
         assert row["mask_png"] == row["raw_mask_png"]
 
 
-def test_hostile_inputs_each_end_as_one_correct_row(ray_local, checkpoint, storage_cfg, bucket):
+def test_hostile_inputs_each_end_as_one_correct_row(ray_local, storage_cfg, bucket, tmp_path):
     """Every hostile image and label (tests/hostile.py) ends as exactly one row with the expected status."""
     from hostile import HOSTILE_IMAGES, HOSTILE_KEYS, HOSTILE_LABELS
 
@@ -143,6 +147,7 @@ def test_hostile_inputs_each_end_as_one_correct_row(ray_local, checkpoint, stora
         client.put_object(Bucket=name, Key=f"in/{case.image_name}", Body=case.image)
         client.put_object(Bucket=name, Key=f"labels/{case.image_name.rsplit('.', 1)[0]}.png", Body=case.label)
         expected[case.image_name.rsplit(".", 1)[0]] = case.expected
+    checkpoint = tiny_checkpoint(tmp_path, 21)  # the hostile labels use VOC's 21 classes
     cfg, crf_raw = job(f"{bucket}/in", f"{bucket}/out", checkpoint, storage_cfg, labels=f"{bucket}/labels")
     manifest = run_segment(cfg, crf_raw)
     rows = read_output(f"{bucket}/out", storage_cfg)

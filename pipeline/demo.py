@@ -38,7 +38,7 @@ def run_demo(*, workdir: str | None = None, count: int = 24, size: str = "320x24
     import ray
 
     from pipeline.scenes import write_voc_dataset
-    from pipeline.segment import load_model_meta, run_segment
+    from pipeline.segment import init_ray, load_model_meta, run_segment
     from pipeline.summary import format_summary
 
     width, height = _parse_size(size)
@@ -52,10 +52,15 @@ def run_demo(*, workdir: str | None = None, count: int = 24, size: str = "320x24
         s3_client(storage).create_bucket(Bucket=BUCKET)
         input_uri, output_uri = f"s3://{BUCKET}/scenes", f"s3://{BUCKET}/output"
         cfg, crf_raw = load_job_config(
-            input=input_uri, output=output_uri, model=str(DEMO_CHECKPOINT), storage={"endpoint_url": s3.endpoint_url}
+            input=input_uri,
+            output=output_uri,
+            model=str(DEMO_CHECKPOINT),
+            storage={"endpoint_url": s3.endpoint_url},
         )
         meta, _ = load_model_meta(cfg)
-        print(f"[1/3] generating {count} scenes ({width}x{height}, {meta['num_classes']} classes) -> {input_uri}")
+        print(
+            f"[1/3] generating {count} scenes ({width}x{height}, {meta['num_classes']} classes) -> {input_uri}"
+        )
         write_voc_dataset(
             input_uri,
             count=count,
@@ -64,12 +69,10 @@ def run_demo(*, workdir: str | None = None, count: int = 24, size: str = "320x24
             seed=DEMO_SEED,
             storage_cfg=storage,
         )
-        print(f"[2/3] segmenting on local Ray with {DEMO_CHECKPOINT.name} (DCNN actors -> CRF actors -> Parquet)")
-        ray.init(
-            num_cpus=max(4, os.cpu_count() or 1),
-            include_dashboard=False,
-            log_to_driver=False,
+        print(
+            f"[2/3] segmenting on local Ray with {DEMO_CHECKPOINT.name} (DCNN actors -> CRF actors -> Parquet)"
         )
+        init_ray()
         try:
             manifest = run_segment(cfg, crf_raw)
         finally:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import platform
 import time
 from importlib import metadata
@@ -51,6 +52,23 @@ def load_model_meta(cfg: JobConfig) -> tuple[dict, str]:
     return meta, checkpoint_digest(data)
 
 
+def init_ray(address: str | None = None) -> None:
+    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with at least 4 logical CPU slots.
+
+    Locally the slots are oversubscribed on purpose: a DCNN actor, a CRF actor and the I/O tasks each need a slot,
+    and on a 2-core machine 2 slots would deadlock the pools (ray-project/ray#44687) while the work itself fits.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+
+
 def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:
     import ray
 
@@ -83,11 +101,19 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
         "on" if cfg.crf else "off",
     )  # fmt: skip
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+    init_ray(address)
     plan = plan_pools(ray.cluster_resources(), cfg.pools, crf_enabled=cfg.crf is not None)
-    encode_cfg = EncodeConfig(num_classes=meta["num_classes"], model_variant=meta["variant"], model_digest=digest)
-    run: dict = {"processed": 0, "status_counts": {}, "wall_s": 0.0, "images_per_s": 0.0, "stage_s": {}, "nodes": {}}
+    encode_cfg = EncodeConfig(
+        num_classes=meta["num_classes"], model_variant=meta["variant"], model_digest=digest
+    )
+    run: dict = {
+        "processed": 0,
+        "status_counts": {},
+        "wall_s": 0.0,
+        "images_per_s": 0.0,
+        "stage_s": {},
+        "nodes": {},
+    }
     if todo:
         run = execute(build_dataset(todo, cfg, encode_cfg, plan), len(todo))
 
@@ -128,4 +154,3 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
         }
     write_manifest(cfg.write.output_uri, manifest, cfg.storage)
     return manifest
-

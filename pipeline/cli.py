@@ -85,7 +85,9 @@ def cmd_import_caffe(args: argparse.Namespace) -> int:
         num_classes=args.num_classes,
         storage_cfg=StorageConfig.from_env(endpoint_url=args.endpoint_url),
     )
-    print(f"wrote {args.output}: {meta['variant']}, {meta['num_classes']} classes, sha256:{meta['digest'][:12]}")
+    print(
+        f"wrote {args.output}: {meta['variant']}, {meta['num_classes']} classes, sha256:{meta['digest'][:12]}"
+    )
     return 0
 
 
@@ -111,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true", help="single process")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("import-caffe", help="convert a DeepLab v1 .caffemodel into a checkpoint (no Caffe needed)")
+    p = sub.add_parser(
+        "import-caffe", help="convert a DeepLab v1 .caffemodel into a checkpoint (no Caffe needed)"
+    )
     p.add_argument("caffemodel", help="path to the .caffemodel (v1 `layers` format)")
     p.add_argument("--variant", required=True, help="deeplab | deeplab-msc | deeplab-largefov | ...")
     p.add_argument("--output", required=True, help="checkpoint path or s3:// URI")

@@ -73,7 +73,9 @@ class PoolConfig:
                 raise ConfigError(f"pools.{name} must be >= 1, got {getattr(self, name)}")
         for lo, hi in (("dcnn_min_actors", "dcnn_max_actors"), ("crf_min_actors", "crf_max_actors")):
             if getattr(self, hi) is not None and getattr(self, hi) < getattr(self, lo):
-                raise ConfigError(f"pools.{hi} ({getattr(self, hi)}) must be >= pools.{lo} ({getattr(self, lo)})")
+                raise ConfigError(
+                    f"pools.{hi} ({getattr(self, hi)}) must be >= pools.{lo} ({getattr(self, lo)})"
+                )
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,9 @@ def list_inputs(
     ids = _ids_for(uris, image_root)
     label_ids: set[str] = set()
     if label_root:
-        label_ids = {_strip_ext(_relative(u, label_root)) for u in list_files(label_root, storage_cfg, (".png",))}
+        label_ids = {
+            _strip_ext(_relative(u, label_root)) for u in list_files(label_root, storage_cfg, (".png",))
+        }
     items = [
         {
             S.ID: image_id,

@@ -67,7 +67,9 @@ class LocalS3:
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"local S3 (moto server) did not answer on {self.endpoint_url} in {timeout_s:.0f}s")
+        raise RuntimeError(
+            f"local S3 (moto server) did not answer on {self.endpoint_url} in {timeout_s:.0f}s"
+        )
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

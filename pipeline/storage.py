@@ -55,7 +55,9 @@ class StorageConfig:
                 f"storage.endpoint_url must start with http:// or https://, got {self.endpoint_url!r}"
             )
         if self.retry_mode not in ("standard", "adaptive", "legacy"):
-            raise ValueError(f"storage.retry_mode must be standard, adaptive or legacy, got {self.retry_mode!r}")
+            raise ValueError(
+                f"storage.retry_mode must be standard, adaptive or legacy, got {self.retry_mode!r}"
+            )
         if self.max_attempts < 1:
             raise ValueError(f"storage.max_attempts must be >= 1, got {self.max_attempts}")
 

@@ -21,7 +21,9 @@ def format_summary(manifest: dict) -> str:
     ]
     metrics = manifest.get("metrics")
     if metrics:
-        lines.append(f"mean IoU      raw {_pct(metrics['mean_iou_raw'])}  CRF {_pct(metrics['mean_iou_crf'])}")
+        lines.append(
+            f"mean IoU      raw {_pct(metrics['mean_iou_raw'])}  CRF {_pct(metrics['mean_iou_crf'])}"
+        )
         lines.append(f"report        {metrics['report']}report.html")
     lines.append(f"masks         {manifest['outputs']['masks']}")
     return "\n".join(lines)

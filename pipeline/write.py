@@ -42,7 +42,9 @@ def write_part(table: pa.Table, output_uri: str, storage_cfg: StorageConfig) -> 
     """Commit one part and return its URI. The table must follow ``schema.OUTPUT_SCHEMA``."""
     ids = table.column(S.ID).to_pylist()
     if len(set(ids)) != len(ids):
-        raise ValueError(f"a part may not hold an image twice: {[i for i, c in Counter(ids).items() if c > 1]}")
+        raise ValueError(
+            f"a part may not hold an image twice: {[i for i, c in Counter(ids).items() if c > 1]}"
+        )
     uri = join(output_uri, MASKS_DIR, part_name(ids))
     buf = io.BytesIO()
     pq.write_table(table.cast(S.OUTPUT_SCHEMA), buf, compression="zstd")
@@ -78,7 +80,9 @@ def load_done(output_uri: str, storage_cfg: StorageConfig) -> DoneSet:
             delete(uri, storage_cfg)
             continue
         parts.append(uri)
-        for image_id, status in zip(table.column(S.ID).to_pylist(), table.column(S.STATUS).to_pylist(), strict=True):
+        for image_id, status in zip(
+            table.column(S.ID).to_pylist(), table.column(S.STATUS).to_pylist(), strict=True
+        ):
             if image_id in ids:
                 dups.append(image_id)
             ids.add(image_id)

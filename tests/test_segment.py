@@ -25,7 +25,7 @@ from pipeline.model import build_model
 from pipeline.read import list_inputs
 from pipeline.scenes import class_names, write_voc_dataset
 from pipeline.segment import JobError, load_model_meta, run_segment
-from pipeline.storage import filesystem, join, list_files, write_bytes
+from pipeline.storage import filesystem, join, list_files
 from pipeline.weights import save_checkpoint
 
 NUM_CLASSES = 4
@@ -37,7 +37,9 @@ def tiny_checkpoint(directory: Path, num_classes: int) -> str:
     torch.manual_seed(0)
     model = build_model("deeplab-largefov", num_classes=num_classes, width=1 / 16)
     path = directory / f"tiny-{num_classes}.pt"
-    save_checkpoint(model, str(path), class_names=class_names(num_classes), provenance={"source": "test: random init"})
+    save_checkpoint(
+        model, str(path), class_names=class_names(num_classes), provenance={"source": "test: random init"}
+    )
     return str(path)
 
 
@@ -82,7 +84,9 @@ def png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def test_rows_schema_and_equal_to_single_process_reference(ray_local, scenes, checkpoint, storage_cfg, bucket, tmp_path):
+def test_rows_schema_and_equal_to_single_process_reference(
+    ray_local, scenes, checkpoint, storage_cfg, bucket, tmp_path
+):
     cfg, crf_raw = job(scenes, f"{bucket}/out", checkpoint, storage_cfg)
     manifest = run_segment(cfg, crf_raw)
 
@@ -187,7 +191,9 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     bad = tmp_path / "job.yaml"
     bad.write_text("input: a\noutput: b\nmodel: c\ndcnn: {batch_sise: 3}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "segment", "--config", str(bad)], capture_output=True, text=True
+        [sys.executable, "-m", "pipeline.cli", "segment", "--config", str(bad)],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "batch_sise" in proc.stderr and "Traceback" not in proc.stderr
@@ -196,7 +202,9 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
 
 def test_resume_after_kill_has_no_gaps_and_no_duplicates(local_s3, checkpoint, storage_cfg, bucket, tmp_path):
     """SIGKILL the whole driver (and its local Ray) part way, re-run the same command: exactly one row each."""
-    write_voc_dataset(f"{bucket}/voc", count=24, size=(96, 72), num_classes=NUM_CLASSES, seed=3, storage_cfg=storage_cfg)
+    write_voc_dataset(
+        f"{bucket}/voc", count=24, size=(96, 72), num_classes=NUM_CLASSES, seed=3, storage_cfg=storage_cfg
+    )
     config = tmp_path / "job.yaml"
     config.write_text(
         json.dumps(
@@ -214,12 +222,16 @@ def test_resume_after_kill_has_no_gaps_and_no_duplicates(local_s3, checkpoint, s
     )
     cmd = [sys.executable, "-m", "pipeline.cli", "segment", "--config", str(config)]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     masks = join(bucket, "out", "masks")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and len(list_files(masks, storage_cfg)) < 2:
         time.sleep(0.5)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    assert proc.poll() is None, (
+        f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    )
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     partial = read_output(f"{bucket}/out", storage_cfg)

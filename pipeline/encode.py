@@ -32,7 +32,7 @@ from PIL import Image
 from pipeline import schema
 from pipeline.metrics import confusion_matrix
 
-__all__ = ["EncodeConfig", "VOC_PALETTE", "voc_palette", "mask_to_png", "encode_batch", "to_table"]
+__all__ = ["EncodeConfig", "VOC_PALETTE", "mask_to_png", "encode_batch", "to_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,22 +40,7 @@ logger = logging.getLogger(__name__)
 _PNG_COMPRESS_LEVEL = 6
 
 
-def voc_palette(num_entries: int = 256) -> list[int]:
-    """The PASCAL VOC colour map (bit-interleaved class index), flat [r0, g0, b0, r1, ...]; 255 -> (224, 224, 192)."""
-    palette: list[int] = []
-    for index in range(num_entries):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= ((c >> 0) & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette.extend((r, g, b))
-    return palette
-
-
-VOC_PALETTE = voc_palette()
+VOC_PALETTE = schema.voc_palette()
 
 
 @dataclass(frozen=True)

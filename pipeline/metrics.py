@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.schema import VOC_CLASSES
+
 __all__ = [
     "VOID",
     "BAND_SOURCES",
@@ -47,29 +49,7 @@ __all__ = [
 
 VOID = 255
 BAND_SOURCES = ("void", "edges")
-VOC_CLASS_NAMES = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+VOC_CLASS_NAMES = VOC_CLASSES
 
 
 def _check_pair(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> None:

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from pipeline import storage
+from pipeline import schema, storage
 from pipeline.metrics import BAND_SOURCES, ImageScore, MetricsAccumulator, summarize
 
 __all__ = [
@@ -173,16 +173,7 @@ def build_metrics(
 # -- figures ----------------------------------------------------------------------------------------------------------
 def voc_palette() -> np.ndarray:
     """uint8 (256, 3): the PASCAL VOC colour map (index 255 = void, light beige)."""
-    pal = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, r, g, b = i, 0, 0, 0
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        pal[i] = (r, g, b)
-    return pal
+    return np.array(schema.voc_palette(), dtype=np.uint8).reshape(256, 3)
 
 
 def _png(fig: Figure) -> bytes:

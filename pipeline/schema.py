@@ -26,6 +26,9 @@ __all__ = [
     "OUTPUT_SCHEMA",
     "TIMING_COLUMNS",
     "NODE_COLUMNS",
+    "VOC_CLASSES",
+    "class_names",
+    "voc_palette",
 ]
 
 # Work item / row identity
@@ -89,3 +92,33 @@ OUTPUT_SCHEMA = pa.schema(
         *[pa.field(name, pa.string()) for name in NODE_COLUMNS],
     ]
 )
+
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+
+def class_names(num_classes: int) -> list[str]:
+    """VOC's 21 names when ``num_classes == 21``, else ``background, class_1, ..., class_{K-1}``."""
+    if not 2 <= num_classes <= 255:
+        raise ValueError(f"num_classes must be in [2, 255], got {num_classes}")
+    if num_classes == len(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    return ["background"] + [f"class_{k}" for k in range(1, num_classes)]
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map, flat ``[r0, g0, b0, r1, ...]`` for indices 0..255 (255 = void, light beige)."""
+    palette: list[int] = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):  # bit-interleave the index into the high bits of r, g, b
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette.extend((r, g, b))
+    return palette

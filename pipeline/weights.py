@@ -29,6 +29,8 @@ from torch import Tensor
 
 from pipeline import storage
 from pipeline.model import VARIANTS, DeepLab, build_model
+from pipeline.schema import VOC_CLASSES
+from pipeline.schema import class_names as class_names_for
 from pipeline.storage import StorageConfig
 
 __all__ = [
@@ -51,10 +53,6 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)  # subtracted from BGR 0..255 pixels, no scaling
-VOC_CLASSES = (
-    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
-)  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -68,12 +66,6 @@ def checkpoint_digest(data: bytes) -> str:
 
 def _storage(cfg: StorageConfig | None) -> StorageConfig:
     return cfg if cfg is not None else StorageConfig.from_env()
-
-
-def _default_class_names(num_classes: int) -> list[str]:
-    return (
-        list(VOC_CLASSES) if num_classes == len(VOC_CLASSES) else [f"class_{i}" for i in range(num_classes)]
-    )
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -393,7 +385,7 @@ def import_caffe(
         "caffemodel": caffemodel_path,
         "caffemodel_sha256": checkpoint_digest(data),
     }
-    names = class_names if class_names is not None else _default_class_names(num_classes)
+    names = class_names if class_names is not None else class_names_for(num_classes)
     meta = save_checkpoint(model, output_uri, class_names=names, provenance=provenance, storage_cfg=cfg)
     log.info("imported %s as %s -> %s", caffemodel_path, variant, output_uri)
     return meta

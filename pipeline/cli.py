@@ -140,7 +140,7 @@ PASSTHROUGH = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    verbose = bool(argv) and argv[0] in ("-v", "--verbose")
+    verbose = bool(argv) and argv[0] in ("-v", "--verbose")  # before the subcommand
     rest = argv[1:] if verbose else argv
     if rest and rest[0] in PASSTHROUGH:
         import importlib
@@ -151,10 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:  # our own progress lines replace Ray Data's per-operator logging
+        for name in ("ray.data", "botocore.credentials"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     from pipeline.config import ConfigError
     from pipeline.segment import JobError
     from pipeline.storage import StorageError, redact

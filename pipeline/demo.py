@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.config import load_job_config
 from pipeline.services import LOCAL_S3_ENV, LocalS3
-from pipeline.storage import StorageConfig, join, list_files, read_bytes, s3_client, write_bytes
+from pipeline.storage import StorageConfig, list_files, read_bytes, s3_client, write_bytes
 
 __all__ = ["DEMO_CHECKPOINT", "DEMO_SEED", "run_demo"]
 
@@ -81,6 +81,6 @@ def run_demo(*, workdir: str | None = None, count: int = 24, size: str = "320x24
         for uri in list_files(output_uri, storage):
             write_bytes(str(work / "output" / uri[len(output_uri) + 1 :]), read_bytes(uri, storage), storage)
     local_out = work / "output"
-    summary = format_summary(manifest).replace(join(output_uri, ""), f"{local_out}/")
+    summary = format_summary(manifest).replace(f"{output_uri}/", f"{local_out}/")
     print(f"\n{summary}\nworkdir       {work} (demo finished in {time.monotonic() - t0:.0f} s)")
     return 0

@@ -60,6 +60,10 @@ def init_ray(address: str | None = None) -> None:
     """
     import ray
 
+    from ray.data import DataContext
+
+    # Ray Data's per-operator progress output floods a non-interactive log; flow.execute logs progress instead.
+    DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None

@@ -1,0 +1,50 @@
+"""The README's first command, `deeplab demo`, end to end: local S3 + local Ray + shipped model, then cleanup."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+
+from pipeline.demo import DEMO_CHECKPOINT
+from pipeline.weights import load_checkpoint
+
+
+def test_shipped_checkpoint_is_small_and_loads():
+    assert DEMO_CHECKPOINT.stat().st_size <= 5 * 1024 * 1024
+    model, meta = load_checkpoint(str(DEMO_CHECKPOINT))
+    assert meta["variant"] == "deeplab-largefov" and model.num_classes == meta["num_classes"]
+    assert meta["provenance"], "the checkpoint must say how it was made"
+
+
+def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--count", "6", "--size", "160x120", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(r"^images\s+6 \(6 rows", out, re.M), out
+    assert re.search(r"^errors\s+0$", out, re.M), out
+    raw, crf = (float(x) for x in re.search(r"mean IoU\s+raw ([\d.]+)\s+CRF ([\d.]+)", out).groups())
+    assert 0 < raw <= 100 and 0 < crf <= 100
+
+    output = tmp_path / "output"
+    table = pq.read_table(output / "masks")
+    assert table.num_rows == 6 and set(table.column("status").to_pylist()) == {"ok"}
+    metrics = json.loads((output / "report" / "metrics.json").read_text())
+    assert round(100 * metrics["raw"]["mean_iou"], 2) == raw
+    assert (output / "report" / "report.html").read_text().count("data:image/png;base64,") >= 3
+    manifest = json.loads((output / "_manifest.json").read_text())
+    assert manifest["counts"]["rows"] == 6
+    # The moto server was stopped: nothing listens on its port any more.
+    port = int(re.search(r"127\.0\.0\.1:(\d+)", proc.stderr).group(1))
+    import socket
+
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0

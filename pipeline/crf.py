@@ -28,7 +28,19 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.schema import ERROR, ID, IMAGE, LOGITS, MASK, OK, STATUS, UPSAMPLE_OFFSET, ErrorKind
+from pipeline.schema import (
+    ERROR,
+    ID,
+    IMAGE,
+    LOGITS,
+    MASK,
+    OK,
+    STATUS,
+    UPSAMPLE_OFFSET,
+    ErrorKind,
+    clean_text_columns,
+    object_column,
+)
 
 __all__ = [
     "NORMALIZATIONS",
@@ -384,13 +396,6 @@ def _rows(column: Any, n: int, name: str) -> list[Any]:
     return [column[i] for i in range(n)]
 
 
-def _object_array(values: list[Any]) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):  # element-wise: np.array(list_of_arrays) would try to stack them
-        out[i] = v
-    return out
-
-
 class CRFRefiner:
     """Ray Data stage (map_batches, batch_format="numpy", CPU actors): DCNN logits + image -> CRF mask.
 
@@ -453,9 +458,9 @@ class CRFRefiner:
             seconds[i] = time.perf_counter() - start
 
         out = {k: v for k, v in batch.items() if k != LOGITS}
-        out[STATUS] = _object_array(statuses)
-        out[ERROR] = _object_array(errors)
-        out[MASK] = _object_array(masks)
+        out[STATUS] = object_column(statuses)
+        out[ERROR] = object_column(errors)
+        out[MASK] = object_column(masks)
         out["crf_s"] = seconds
-        out["crf_node"] = _object_array([self._node] * n)
-        return out
+        out["crf_node"] = object_column([self._node] * n)
+        return clean_text_columns(out)

@@ -320,17 +320,8 @@ def decode_label(data: bytes | None, image: DecodedImage, cfg: DecodeConfig) -> 
     return label
 
 
-def _missing(value: object) -> bool:
-    # Ray hands an all-null Arrow column to the next stage as a float NaN array, so NaN means None here.
-    return value is None or (isinstance(value, float | np.floating) and bool(np.isnan(value)))
-
-
-def _opt_str(value: object) -> str | None:
-    return None if _missing(value) else str(value)
-
-
 def _opt_bytes(value: object) -> bytes | None:
-    return None if _missing(value) else bytes(value)  # type: ignore[arg-type]
+    return None if schema.is_missing(value) else bytes(value)  # type: ignore[arg-type]
 
 
 def _empty_image() -> np.ndarray:
@@ -339,14 +330,6 @@ def _empty_image() -> np.ndarray:
 
 def _empty_label() -> np.ndarray:
     return np.zeros((0, 0), dtype=np.uint8)
-
-
-def _object_column(values: list) -> np.ndarray:
-    # Assign element-wise: np.array(list_of_arrays) would stack equal shapes into one N-d array.
-    column = np.empty(len(values), dtype=object)
-    for i, value in enumerate(values):
-        column[i] = value
-    return column
 
 
 def _label_for(
@@ -376,13 +359,13 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DecodeConfig) -> dict[str, n
     """
     num_rows = len(batch[schema.ID])
     nothing = [None] * num_rows
-    statuses = [_opt_str(v) for v in batch[schema.STATUS]]
-    errors = [_opt_str(v) for v in batch.get(schema.ERROR, nothing)]
+    statuses = [schema.text_or_none(v) for v in batch[schema.STATUS]]
+    errors = [schema.text_or_none(v) for v in batch.get(schema.ERROR, nothing)]
     image_bytes = batch[schema.IMAGE_BYTES]
     label_bytes = batch.get(schema.LABEL_BYTES, nothing)
-    label_sources = [_opt_str(v) for v in batch.get(schema.LABEL_SOURCE, nothing)]
+    label_sources = [schema.text_or_none(v) for v in batch.get(schema.LABEL_SOURCE, nothing)]
     # The read stage may already know the label is unusable (object missing): keep its reason.
-    problems = [_opt_str(v) for v in batch.get(schema.LABEL_PROBLEM, nothing)]
+    problems = [schema.text_or_none(v) for v in batch.get(schema.LABEL_PROBLEM, nothing)]
 
     images: list[np.ndarray] = []
     labels: list[np.ndarray] = []
@@ -414,13 +397,13 @@ def decode_batch(batch: dict[str, np.ndarray], cfg: DecodeConfig) -> dict[str, n
 
     out = {k: v for k, v in batch.items() if k not in (schema.IMAGE_BYTES, schema.LABEL_BYTES)}
     if schema.LABEL_SOURCE in batch:
-        out[schema.LABEL_SOURCE] = _object_column(label_sources)
-    out[schema.STATUS] = _object_column(statuses)
-    out[schema.ERROR] = _object_column(errors)
-    out[schema.IMAGE] = _object_column(images)
-    out[schema.LABEL] = _object_column(labels)
+        out[schema.LABEL_SOURCE] = schema.object_column(label_sources)
+    out[schema.STATUS] = schema.object_column(statuses)
+    out[schema.ERROR] = schema.object_column(errors)
+    out[schema.IMAGE] = schema.object_column(images)
+    out[schema.LABEL] = schema.object_column(labels)
     out[schema.HEIGHT] = heights
     out[schema.WIDTH] = widths
-    out[schema.LABEL_PROBLEM] = _object_column(problems)
+    out[schema.LABEL_PROBLEM] = schema.object_column(problems)
     out["decode_s"] = seconds
     return out

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -117,17 +116,8 @@ def _confusion(label: np.ndarray, pred: np.ndarray, num_classes: int) -> list[in
         raise _RowError(schema.ErrorKind.LABEL, f"label unusable for scoring: {e}") from None
 
 
-def _missing(value: Any) -> bool:
-    # Ray hands an all-null Arrow column to the next stage as a float NaN array, so NaN means None here.
-    return value is None or (isinstance(value, float | np.floating) and math.isnan(value))
-
-
 def _float_or_none(value: Any) -> float | None:
-    return None if _missing(value) else float(value)
-
-
-def _str_or_none(value: Any) -> str | None:
-    return None if _missing(value) else str(value)
+    return None if schema.is_missing(value) else float(value)
 
 
 def _size_or_none(value: Any) -> int | None:
@@ -152,10 +142,10 @@ def encode_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, l
     def column(name: str) -> Any:
         return batch[name] if name in batch else [None] * num_rows
 
-    errors = [_str_or_none(e) for e in column(schema.ERROR)]
+    errors = [schema.text_or_none(e) for e in column(schema.ERROR)]
     heights = [_size_or_none(h) for h in column(schema.HEIGHT)]
     widths = [_size_or_none(w) for w in column(schema.WIDTH)]
-    problems = [_str_or_none(p) for p in column(schema.LABEL_PROBLEM)]
+    problems = [schema.text_or_none(p) for p in column(schema.LABEL_PROBLEM)]
     labels = column(schema.LABEL)
     mask_png: list[bytes | None] = [None] * num_rows
     raw_mask_png: list[bytes | None] = [None] * num_rows
@@ -193,7 +183,7 @@ def encode_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, l
     out: dict[str, list] = {
         schema.ID: [str(v) for v in batch[schema.ID]],
         schema.SOURCE: [str(v) for v in batch[schema.SOURCE]],
-        schema.LABEL_SOURCE: [_str_or_none(v) for v in column(schema.LABEL_SOURCE)],
+        schema.LABEL_SOURCE: [schema.text_or_none(v) for v in column(schema.LABEL_SOURCE)],
         schema.HEIGHT: heights,
         schema.WIDTH: widths,
         schema.STATUS: statuses,
@@ -206,7 +196,7 @@ def encode_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, l
         "model_variant": [cfg.model_variant] * num_rows,
         "model_digest": [cfg.model_digest] * num_rows,
         **timings,
-        **{name: [_str_or_none(v) for v in column(name)] for name in schema.NODE_COLUMNS},
+        **{name: [schema.text_or_none(v) for v in column(name)] for name in schema.NODE_COLUMNS},
     }
     assert list(out) == schema.OUTPUT_SCHEMA.names, (list(out), schema.OUTPUT_SCHEMA.names)
     return out

@@ -12,20 +12,22 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
 from pipeline import schema as S
-from pipeline.config import ConfigError, JobConfig, PoolConfig
 from pipeline.crf import CRFRefiner
-from pipeline.dcnn import DeepLabPredictor
 from pipeline.decode import decode_batch
 from pipeline.encode import EncodeConfig, encode_batch, to_table
 from pipeline.read import fetch_batch
 from pipeline.storage import StorageConfig
 from pipeline.write import summary_batch, write_part
+
+if TYPE_CHECKING:  # config and dcnn import torch; encode tasks import this module and need neither
+    from pipeline.config import JobConfig, PoolConfig
 
 __all__ = ["PoolPlan", "plan_pools", "build_dataset", "execute"]
 
@@ -43,6 +45,8 @@ class PoolPlan:
 
 def plan_pools(resources: dict[str, float], pools: PoolConfig, *, crf_enabled: bool = True) -> PoolPlan:
     """Size the actor pools from the cluster's resources, keeping CPU slots free for tasks (no deadlock)."""
+    from pipeline.config import ConfigError
+
     cpus, gpus = float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
     if gpus >= 1:
         dcnn_gpus, dcnn_cpus = 1.0, pools.dcnn_num_cpus_with_gpu
@@ -68,8 +72,11 @@ def plan_pools(resources: dict[str, float], pools: PoolConfig, *, crf_enabled: b
     else:
         crf_room = int(cpus - dcnn_max * dcnn_cpus - pools.task_cpus)
     crf_max = pools.crf_max_actors or max(crf_min, crf_room)
+    # The CRF is the bottleneck: start every actor the present CPUs hold instead of letting Ray Data add them one
+    # by one (each start costs seconds). Only when whole-CPU actors pack exactly (no fractional DCNN slots).
+    crf_start = crf_max if pools.crf_max_actors is None and float(dcnn_cpus).is_integer() else crf_min
     return PoolPlan(
-        dcnn_gpus, dcnn_cpus, (pools.dcnn_min_actors, dcnn_max), (crf_min, crf_max), crf_resources
+        dcnn_gpus, dcnn_cpus, (pools.dcnn_min_actors, dcnn_max), (crf_start, crf_max), crf_resources
     )
 
 
@@ -83,6 +90,10 @@ def encode_and_write(
 def build_dataset(
     items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan
 ) -> ray.data.Dataset:
+    from pipeline.dcnn import (
+        DeepLabPredictor,
+    )  # here, not at the top: encode tasks import this module, not torch
+
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 600  # a cluster that can't place the pools fails instead of hanging
     ctx.execution_no_progress_timeout_s = 900
@@ -118,6 +129,8 @@ def run_single_process(
     items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, *, batch_size: int = 8
 ) -> dict:
     """The same stages in one process, no Ray: the reference the tests and benchmarks compare the cluster run with."""
+    from pipeline.dcnn import DeepLabPredictor
+
     predictor = DeepLabPredictor(cfg.dcnn, cfg.storage)
     refiner = CRFRefiner(cfg.crf) if cfg.crf is not None else None
     statuses: Counter = Counter()
@@ -152,9 +165,7 @@ def _concat(batches: list[dict]) -> dict:
         if all(p.dtype != object for p in parts) and len({p.shape[1:] for p in parts}) == 1:
             out[k] = np.concatenate(parts)
         else:
-            out[k] = np.empty(sum(len(p) for p in parts), dtype=object)
-            for j, x in enumerate(x for p in parts for x in p):
-                out[k][j] = x  # element-wise: a list of arrays would be broadcast into a 2-D array
+            out[k] = S.object_column(x for p in parts for x in p)
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from collections.abc import Iterable
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -150,8 +149,7 @@ def fetch_batch(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> dic
     shard_rows = _read_shard_rows({s for s in batch[SHARD] if s}, set(batch[S.ID]), storage_cfg)
     for i in range(n):
         image_id, source, shard = batch[S.ID][i], batch[S.SOURCE][i], batch[SHARD][i]
-        label_source = batch[S.LABEL_SOURCE][i]
-        label_source = label_source if isinstance(label_source, str) else None  # nulls may arrive as NaN
+        label_source = S.text_or_none(batch[S.LABEL_SOURCE][i])
         try:
             if shard:
                 image_bytes[i], label_bytes[i] = shard_rows[(shard, image_id)]
@@ -171,17 +169,10 @@ def fetch_batch(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> dic
         S.LABEL_SOURCE: batch[S.LABEL_SOURCE],
         S.STATUS: np.array(status, dtype=object),
         S.ERROR: np.array(error, dtype=object),
-        S.IMAGE_BYTES: _objects(image_bytes),
-        S.LABEL_BYTES: _objects(label_bytes),
+        S.IMAGE_BYTES: S.object_column(image_bytes),
+        S.LABEL_BYTES: S.object_column(label_bytes),
         S.LABEL_PROBLEM: np.array(label_problem, dtype=object),
     }
-
-
-def _objects(values: Iterable) -> np.ndarray:
-    values = list(values)
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
 
 
 def _reason(e: Exception) -> str:

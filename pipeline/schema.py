@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
 import pyarrow as pa
 
 __all__ = [
@@ -28,6 +32,10 @@ __all__ = [
     "NODE_COLUMNS",
     "VOC_CLASSES",
     "class_names",
+    "is_missing",
+    "text_or_none",
+    "object_column",
+    "clean_text_columns",
     "voc_palette",
 ]
 
@@ -122,3 +130,37 @@ def voc_palette() -> list[int]:
             c >>= 3
         palette.extend((r, g, b))
     return palette
+
+
+# --- batch helpers shared by every stage -------------------------------------------------------------------------
+TEXT_COLUMNS = (LABEL_SOURCE, ERROR, LABEL_PROBLEM)  # nullable strings that ride through every stage
+
+
+def is_missing(value: Any) -> bool:
+    """None, or NaN: Ray hands an all-null Arrow column to the next stage as a float NaN array."""
+    return value is None or (isinstance(value, float | np.floating) and bool(np.isnan(value)))
+
+
+def text_or_none(value: Any) -> str | None:
+    return None if is_missing(value) else str(value)
+
+
+def object_column(values: Iterable[Any]) -> np.ndarray:
+    """A 1-D object array, one element per value (np.array(list_of_arrays) would stack equal shapes)."""
+    values = list(values)
+    column = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        column[i] = value
+    return column
+
+
+def clean_text_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Turn NaN placeholders back into None in the nullable string columns, in place.
+
+    Without this a stage that passes an all-null column on unchanged emits it as float, and the next batch that
+    joins that block with one holding a real string fails the job ("incompatible types: float vs string").
+    """
+    for name in TEXT_COLUMNS:
+        if name in batch:
+            batch[name] = object_column(text_or_none(v) for v in batch[name])
+    return batch

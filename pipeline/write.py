@@ -75,10 +75,16 @@ def load_done(output_uri: str, storage_cfg: StorageConfig) -> DoneSet:
         fs, path = filesystem(uri, storage_cfg)
         try:
             table = pq.read_table(path, columns=[S.ID, S.STATUS], filesystem=fs)
-        except (OSError, pa.ArrowInvalid) as e:
-            log.warning("removing unreadable part %s (left by a killed run?): %s", uri, e)
-            delete(uri, storage_cfg)
-            continue
+        except (OSError, pa.ArrowInvalid):
+            # pyarrow's ranged S3 reads fail without retrying on a throttled small read (a 503 body overflows the
+            # range buffer), so a committed part must not be judged by them: re-read it whole through boto3,
+            # which retries; a storage error that outlasts the retries raises (not OSError) and fails the job.
+            try:
+                table = pq.read_table(io.BytesIO(read_bytes(uri, storage_cfg)), columns=[S.ID, S.STATUS])
+            except (OSError, pa.ArrowInvalid) as e:
+                log.warning("removing unreadable part %s (left by a killed run?): %s", uri, e)
+                delete(uri, storage_cfg)
+                continue
         parts.append(uri)
         for image_id, status in zip(
             table.column(S.ID).to_pylist(), table.column(S.STATUS).to_pylist(), strict=True

@@ -18,6 +18,7 @@ import yaml
 from pipeline.crf import CRFConfig, crf_config_for
 from pipeline.dcnn import DCNNConfig
 from pipeline.decode import DecodeConfig
+from pipeline.model import VARIANTS
 from pipeline.storage import StorageConfig
 
 __all__ = ["ConfigError", "PoolConfig", "ReadConfig", "WriteConfig", "JobConfig", "load_job_config"]
@@ -159,13 +160,17 @@ def load_job_config(path: str | None = None, **overrides: Any) -> tuple[JobConfi
     raw: dict[str, Any] = {}
     if path:
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML") from e
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
@@ -195,6 +200,9 @@ def load_job_config(path: str | None = None, **overrides: Any) -> tuple[JobConfi
         if not sections[section].get(name):
             flag = {"input_uri": "--input", "output_uri": "--output", "model_uri": "--model"}[name]
             raise ConfigError(f"missing {flag} (or {section}.{name} in the config file)")
+    variant = sections["dcnn"].get("expected_variant")
+    if variant is not None and variant not in VARIANTS:
+        raise ConfigError(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
     built = {name: _coerce(cls, name, sections[name]) for name, cls in _SECTIONS.items()}
     cfg = JobConfig(crf=None, evaluate=evaluate, **built)
     return cfg, crf_raw

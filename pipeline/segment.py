@@ -59,7 +59,6 @@ def init_ray(address: str | None = None) -> None:
     and on a 2-core machine 2 slots would deadlock the pools (ray-project/ray#44687) while the work itself fits.
     """
     import ray
-
     from ray.data import DataContext
 
     # Ray Data's per-operator progress output floods a non-interactive log; flow.execute logs progress instead.

@@ -214,7 +214,7 @@ def list_files(prefix: str, cfg: StorageConfig, suffixes: tuple[str, ...] | None
         for page in paginator.paginate(Bucket=bucket, Prefix=key):
             for obj in page.get("Contents", []):
                 name = obj["Key"]
-                if _listable(name[len(key) :], suffixes):
+                if not name.endswith("/") and _listable(name[len(key) :], suffixes):
                     out.append(f"s3://{bucket}/{name}")
     else:
         root = Path(prefix).expanduser()

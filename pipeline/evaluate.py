@@ -31,6 +31,7 @@ from PIL import Image, ImageOps
 from pipeline import report, storage
 from pipeline.metrics import BAND_SOURCES, VOC_CLASS_NAMES, MetricsAccumulator
 from pipeline.schema import ERROR, ID, LABEL_SOURCE, OK, SOURCE, STATUS
+from pipeline.schema import class_names as schema_class_names
 
 __all__ = [
     "EVAL_COLUMNS",
@@ -283,11 +284,7 @@ def evaluate_output(
         num_classes = len(class_names) if class_names else len(VOC_CLASS_NAMES)
         log.warning("no row of %s has num_classes; assuming %d classes", output_uri, num_classes)
     if class_names is None:
-        class_names = (
-            VOC_CLASS_NAMES
-            if num_classes == len(VOC_CLASS_NAMES)
-            else [f"class_{i}" for i in range(num_classes)]
-        )
+        class_names = schema_class_names(num_classes)
     if len(class_names) != num_classes:
         raise ValueError(f"class_names has {len(class_names)} names, expected num_classes = {num_classes}")
     setup = EvalSetup(

@@ -27,13 +27,12 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
+from pipeline.schema import class_names, voc_palette
 from pipeline.storage import StorageConfig
 
 __all__ = [
-    "VOC_CLASS_NAMES",
     "VOID",
     "class_names",
-    "voc_palette",
     "make_scene",
     "simulate_scores",
     "encode_label_png",
@@ -47,57 +46,10 @@ log = logging.getLogger(__name__)
 
 VOID = 255
 
-VOC_CLASS_NAMES = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
 
 # Shape kinds in class order: the thin ones come early so even a 3-6 class world has thin structures.
 _SHAPES = ("blob", "pole", "rect", "ring", "ellipse", "polygon")
 _TEXTURES = ("stripes", "smooth", "spots", "grain", "checker")
-
-
-def class_names(num_classes: int) -> list[str]:
-    """VOC's 21 names when ``num_classes == 21``, else ``background, class_1, ..., class_{K-1}``."""
-    if not 2 <= num_classes <= 255:
-        raise ValueError(f"num_classes must be in [2, 255], got {num_classes}")
-    if num_classes == len(VOC_CLASS_NAMES):
-        return list(VOC_CLASS_NAMES)
-    return ["background"] + [f"class_{k}" for k in range(1, num_classes)]
-
-
-def voc_palette() -> list[int]:
-    """The standard VOC colour map (256 RGB triplets, flattened), index 255 included."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
 
 
 # ---------------------------------------------------------------------------------------------------------------

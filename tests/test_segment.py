@@ -120,6 +120,16 @@ def test_rows_schema_and_equal_to_single_process_reference(
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in text
     assert manifest["versions"]["ray"]
 
+    # Metrics recomputed independently (one process, from the Parquet masks + ground truth PNGs) equal the
+    # metrics.json the job wrote, to the last digit.
+    from pipeline.evaluate import evaluate_output
+    from pipeline.storage import read_bytes
+
+    written = json.loads(read_bytes(join(bucket, "out", "report", "metrics.json"), storage_cfg))
+    again_metrics = evaluate_output(f"{bucket}/out", storage_cfg=storage_cfg, use_ray=False, write_report=False)
+    assert json.loads(json.dumps(again_metrics)) == written
+    assert written["num_images"] == 10 and written["crf"]["mean_iou"] is not None
+
     # A re-run of the same command finds everything done and writes nothing new.
     parts_before = list_files(join(bucket, "out", "masks"), storage_cfg)
     again = run_segment(cfg, crf_raw)

@@ -164,13 +164,17 @@ def load_job_config(path: str | None = None, **overrides: Any) -> tuple[JobConfi
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML") from e
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML"
+            ) from e
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+            raise ConfigError(
+                f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}"
+            ) from e
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}

@@ -90,9 +90,7 @@ def encode_and_write(
 def build_dataset(
     items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan
 ) -> ray.data.Dataset:
-    from pipeline.dcnn import (
-        DeepLabPredictor,
-    )  # here, not at the top: encode tasks import this module, not torch
+    from pipeline.dcnn import DeepLabPredictor  # not at the top: encode tasks import this module, not torch
 
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 600  # a cluster that can't place the pools fails instead of hanging
@@ -118,6 +116,7 @@ def build_dataset(
             num_cpus=1,
             resources=plan.crf_resources or None,
         )
+    ds = ds.drop_columns([S.IMAGE])  # the largest column; no stage after the CRF needs it
     return ds.map_batches(  # PNG masks + confusion counts -> one committed Parquet part per batch
         encode_and_write,
         fn_kwargs={"encode_cfg": encode_cfg, "output_uri": cfg.write.output_uri, "storage_cfg": cfg.storage},

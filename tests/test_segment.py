@@ -126,7 +126,9 @@ def test_rows_schema_and_equal_to_single_process_reference(
     from pipeline.storage import read_bytes
 
     written = json.loads(read_bytes(join(bucket, "out", "report", "metrics.json"), storage_cfg))
-    again_metrics = evaluate_output(f"{bucket}/out", storage_cfg=storage_cfg, use_ray=False, write_report=False)
+    again_metrics = evaluate_output(
+        f"{bucket}/out", storage_cfg=storage_cfg, use_ray=False, write_report=False
+    )
     assert json.loads(json.dumps(again_metrics)) == written
     assert written["num_images"] == 10 and written["crf"]["mean_iou"] is not None
 

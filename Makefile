@@ -27,6 +27,7 @@ bench: setup
 	$(BIN)/python bench/crf.py
 	$(BIN)/python bench/dcnn.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -197,6 +197,10 @@ class LocalHead:
         env.update(self.extra_env)
         env["RAY_AUTH_MODE"] = self.auth_mode
         env["RAY_USAGE_STATS_ENABLED"] = "0"
+        # A job's entrypoint ("python -m jobs.segment") runs with the head's PATH: put this interpreter's bin
+        # first, so jobs get the Python (and packages) that started the head even when no venv is activated.
+        bin_dir = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([bin_dir, *(p for p in env.get("PATH", "").split(os.pathsep) if p)])
         token_file: Path | None = None
         if self.auth_mode == "token":
             token_file = base / TOKEN_FILE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -44,8 +45,9 @@ def head(tmp_path_factory):
 def test_submit_job_carries_project_and_succeeds(head):
     probe = textwrap.dedent(
         """
-        import os, pipeline, ray
+        import os, sys, pipeline, ray
         ray.init()
+        print("PYTHON", sys.executable)
         print("PIPELINE_FROM", os.path.relpath(pipeline.__file__, os.getcwd()))
         print("IN_RUNTIME_ENV", "working_dir_files" in os.getcwd())
         print("HAS_LOCALHEAD", os.path.exists("pipeline/localhead.py"))
@@ -70,6 +72,8 @@ def test_submit_job_carries_project_and_succeeds(head):
     assert "PIPELINE_FROM pipeline/__init__.py" in text
     assert "IN_RUNTIME_ENV True" in text and "HAS_LOCALHEAD True" in text
     assert "SHIPPED_VENV False" in text
+    # "python" in the entrypoint is the interpreter that started the head, with or without an activated venv.
+    assert f"PYTHON {sys.executable}\n" in text
     assert "GPUS 1.0" in text  # the job's own ray.init() authenticated against the token-mode cluster
     assert "MARK_LEN 12" in text  # the env var reached the job ...
     assert "SUCCEEDED" in text

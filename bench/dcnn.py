@@ -54,14 +54,11 @@ SETTINGS = [  # (autocast, channels_last)
 
 def batch_of(images: list[np.ndarray]) -> dict[str, np.ndarray]:
     n = len(images)
-    column = np.empty(n, dtype=object)
-    for i, image in enumerate(images):
-        column[i] = image
     return {
         S.ID: np.array([f"img{i}" for i in range(n)], dtype=object),
         S.STATUS: np.array([S.OK] * n, dtype=object),
         S.ERROR: np.array([None] * n, dtype=object),
-        S.IMAGE: column,
+        S.IMAGE: S.object_column(images),
     }
 
 

@@ -63,29 +63,28 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
+def kib_field_bytes(pid: int, file: str, key: str) -> int:
+    """A "Key:  N kB" line of /proc/<pid>/<file> in bytes; 0 when the process or the line is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def shmem_bytes(pid: int) -> int:
     """Resident shared-memory pages (RssShmem): here the Ray object store's /dev/shm mapping, which every worker maps.
 
     Plasma does not hand pages back to the OS, so each process's share of it grows with the pages its objects
     have ever used, up to the store's size (``object_store_memory``), whatever the objects alive at the time.
     """
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssShmem:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+    return kib_field_bytes(pid, "status", "RssShmem")
 
 
 def pss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+    return kib_field_bytes(pid, "smaps_rollup", "Pss")
 
 
 def _name(pid: int) -> str:

@@ -54,7 +54,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    return run_demo(workdir=args.workdir, count=args.count, size=args.size)
+    given = {k: v for k, v in (("count", args.count), ("size", args.size)) if v is not None}
+    return run_demo(workdir=args.workdir, **given)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -98,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="local Ray + local S3 + generated scenes + shipped model, end to end")
     p.add_argument("--workdir", default=None, help="where outputs and logs go (default: a new temp dir)")
-    p.add_argument("--count", type=int, default=24, help="number of generated scenes")
-    p.add_argument("--size", default="320x240", help="scene size WxH")
+    p.add_argument("--count", type=int, default=None, help="number of generated scenes (default 48)")
+    p.add_argument("--size", default=None, help="scene size WxH (default 160x120, the shipped model's)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("segment", help="segment a dataset into Parquet masks (+ metrics when labels exist)")

@@ -139,13 +139,20 @@ class CPUMeter(threading.Thread):
         return dict(out.most_common())
 
 
+def cmdline(pid: int) -> str | None:
+    """A process's command line with spaces between arguments (Ray workers: their ``ray::`` title); None if gone."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
 def process_kind(pid: int, seen: str | None) -> str:
     """A short name for a process: Ray sets worker titles to ``ray::<actor or task>``; keep the most specific seen."""
     if pid == os.getpid():
         return "driver"
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
+    cmd = cmdline(pid)
+    if cmd is None:
         return seen or "?"
     if cmd.startswith("ray::"):
         title = cmd.split()[0]
@@ -316,21 +323,12 @@ def labels_kept(logits: np.ndarray, threshold: float) -> int:
     return int((p.flatten(1).max(dim=1).values >= threshold).sum())
 
 
-def run_single(cfg, encode_cfg, items: list[dict], *, threads: int | None = None) -> dict:
-    """run_single_process with ``threads`` torch threads (None = torch's default), torch's setting restored after."""
-    import dataclasses
-
-    import torch
-
+def run_single(cfg, encode_cfg, items: list[dict]) -> dict:
+    """run_single_process with torch's default threads, timed end to end."""
     from pipeline.flow import run_single_process
 
-    before = torch.get_num_threads()
-    cfg = dataclasses.replace(cfg, dcnn=dataclasses.replace(cfg.dcnn, num_threads=threads or before))
     t0, c0 = time.monotonic(), time.process_time()
-    try:
-        out = run_single_process(items, cfg, encode_cfg)
-    finally:
-        torch.set_num_threads(before)
+    out = run_single_process(items, cfg, encode_cfg)
     wall = time.monotonic() - t0  # model load included, as the Ray job's actor start-up is
     cpu = time.process_time() - c0
     n = len(items)

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.pipeline import (  # noqa: E402
     bench_checkpoint,
+    cmdline,
     descendants,
     job_config,
     model_classes,
@@ -88,19 +89,12 @@ def pss_bytes(pid: int) -> int:
 
 
 def _name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")[:70]
-    except OSError:
-        return "?"
+    return (cmdline(pid) or "?")[:70]
 
 
 def is_worker(pid: int) -> bool:
     """Ray worker processes (actors, tasks, idle workers) name themselves ``ray::...``."""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return cmd.startswith(b"ray::")
+    return (cmdline(pid) or "").startswith("ray::")
 
 
 class MemorySampler(threading.Thread):

@@ -181,6 +181,20 @@ def test_predictor_on_a_hand_built_batch(checkpoint):
     assert all(im.flags.writeable is False for im in images)
 
 
+def test_predictor_raw_mask_ties_take_the_first_class(tmp_path):
+    model = tiny("deeplab-largefov", num_classes=4)
+    with torch.no_grad():  # every pixel scores (0, 2, 2, 1): classes 1 and 2 tie exactly
+        model.classifier.fc8.weight.zero_()
+        model.classifier.fc8.bias.copy_(torch.tensor([0.0, 2.0, 2.0, 1.0]))
+    path = str(tmp_path / "ties.pt")
+    save_checkpoint(model, path, class_names=list("abcd"), provenance={})
+    out = DeepLabPredictor(DCNNConfig(model_uri=path, min_input_size=1))(
+        batch_of([make_image(30, 41, 0)], ["ok"])
+    )
+    assert out[schema.RAW_MASK][0].shape == (30, 41)
+    assert (out[schema.RAW_MASK][0] == 1).all()  # as numpy's and torch's argmax: the first of equal maxima
+
+
 def test_predictor_regular_ndarray_column_and_isolated_failure(checkpoint):
     pred = DeepLabPredictor(DCNNConfig(model_uri=checkpoint, batch_size=4, min_input_size=1))
     images = [make_image(24, 24, i) for i in range(3)]

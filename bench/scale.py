@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.pipeline import (  # noqa: E402
     bench_checkpoint,
     cmdline,
-    descendants,
     job_config,
     model_classes,
     start_local_ray,
@@ -52,6 +51,7 @@ from bench.pipeline import (  # noqa: E402
     wait_for_load,
     write_scenes,
 )
+from pipeline.localhead import descendants  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # peak MiB reported: RSS of the driver, of Ray's worker processes, of Ray's daemons; driver + workers; the same
@@ -91,8 +91,8 @@ def kib_field_bytes(pid: int, file: str, key: str) -> int:
 def shmem_bytes(pid: int) -> int:
     """Resident shared-memory pages (RssShmem): here the Ray object store's /dev/shm mapping, which every worker maps.
 
-    Plasma does not hand pages back to the OS, so each process's share of it grows with the pages its objects
-    have ever used, up to the store's size (``object_store_memory``), whatever the objects alive at the time.
+    A process's share covers the pages of every object it wrote or read that is still in the store; it follows the
+    objects in use (``object_store_live``), not the process's own memory.
     """
     return kib_field_bytes(pid, "status", "RssShmem")
 

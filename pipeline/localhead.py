@@ -31,6 +31,7 @@ __all__ = [
     "AUTH_MODES",
     "HeadInfo",
     "LocalHead",
+    "descendants",
     "kill_recorded",
     "localhead_main",
     "start_local_s3",
@@ -90,7 +91,8 @@ def _record(pid: int) -> tuple[int, float] | None:
     return (pid, float(st[1])) if st else None
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...) from /proc; gone processes are skipped."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -125,7 +127,7 @@ def kill_recorded(
         if not _alive(pid, started):
             continue
         targets[pid] = started
-        for rec in (_record(c) for c in _descendants(pid)):
+        for rec in (_record(c) for c in descendants(pid)):
             if rec:
                 targets.setdefault(*rec)
     if not targets:
@@ -261,7 +263,7 @@ class LocalHead:
                 self.stop()
                 raise RuntimeError(f"local Ray head did not serve {dashboard_url} within {timeout_s:.0f}s")
             time.sleep(0.5)
-        recorded = [r for r in (_record(p) for p in [self._proc.pid, *_descendants(self._proc.pid)]) if r]
+        recorded = [r for r in (_record(p) for p in [self._proc.pid, *descendants(self._proc.pid)]) if r]
         self.info = HeadInfo(
             gcs_address=f"127.0.0.1:{ports['--port']}",
             dashboard_url=dashboard_url,
@@ -282,7 +284,7 @@ class LocalHead:
             if rec and self._proc.poll() is None:
                 pids.insert(0, rec)
                 # `ray start --block` tears its daemons down on SIGTERM; collect the tree first anyway.
-                pids += [r for r in (_record(p) for p in _descendants(self._proc.pid)) if r]
+                pids += [r for r in (_record(p) for p in descendants(self._proc.pid)) if r]
         kill_recorded(pids)
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):

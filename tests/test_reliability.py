@@ -34,7 +34,7 @@ from pipeline import schema as S
 from pipeline.config import ConfigError, load_job_config, resolve_crf
 from pipeline.encode import EncodeConfig
 from pipeline.flow import run_single_process
-from pipeline.localhead import LocalHead, _descendants
+from pipeline.localhead import LocalHead, descendants
 from pipeline.model import build_model
 from pipeline.read import list_inputs
 from pipeline.scenes import class_names, encode_label_png, write_voc_dataset
@@ -607,7 +607,7 @@ def test_local_services_listen_on_loopback_only(tmp_path):
     external = _external_ip()
     with LocalS3() as s3:
         port = int(s3.endpoint_url.rsplit(":", 1)[1])
-        sockets = _listeners({s3._proc.pid, *_descendants(s3._proc.pid)})
+        sockets = _listeners({s3._proc.pid, *descendants(s3._proc.pid)})
         bound = [addr for addrs in sockets.values() for addr in addrs]
         assert ("127.0.0.1", port) in bound and all(ip == "127.0.0.1" for ip, _ in bound), bound
         if external:
@@ -616,7 +616,7 @@ def test_local_services_listen_on_loopback_only(tmp_path):
     with LocalHead(tmp_path / "head", num_cpus=1) as head:
         dash_port = int(head.dashboard_url.rsplit(":", 1)[1])
         pids = {p for p, _ in head.info.pids}
-        pids |= {d for p in list(pids) for d in _descendants(p)}
+        pids |= {d for p in list(pids) for d in descendants(p)}
         sockets = _listeners(pids)
         bound = [addr for addrs in sockets.values() for addr in addrs]
         # What LocalHead chooses, the dashboard and Jobs API, is loopback only.

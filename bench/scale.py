@@ -8,12 +8,12 @@ driver + workers with and without the pages of Ray's object store (RssShmem: the
 shares); the peak proportional set size (PSS) of everything.
 
 The bar (at 10x <= 1.25x the 1x peak: the job streams instead of accumulating) is judged on driver + workers
-without object-store pages: the memory the job's processes hold. Beside it the benchmark prints RSS with those
-pages and the peak of Ray's object store *in use* (live objects, sampled every second from Ray's memory summary):
-that figure grows with the run, because the DCNN stage (about 5x faster than the CRF here) runs ahead and its
-output rows (image, label, logits, raw mask: ~1 MiB each) wait in the object store for the CRF actors. Ray Data
-stops that run-ahead only at its object-store budget (half the store by default), so it is bounded by the store's
-size, not by the number of images, but on this machine the budget (~3.5 GiB) is far above what 640 images fill.
+without object-store pages (the memory the job's processes hold) and printed beside PSS (shared pages split between
+the processes mapping them) and the plain RSS sum, which counts every shared page (object-store pages, libtorch)
+once per process that maps it. Also printed: the peak of Ray's object store *in use* (live objects, sampled every
+second from Ray's memory summary). The DCNN stage (about 5x faster than the CRF here) would run ahead and park its
+output rows (~1 MiB each) there until Ray Data's default brake at half its budget (~3.5 GiB here);
+``flow.bound_run_ahead`` brakes from the first block, so the figure stays near 150 MiB at 640 or 1280 images.
 
 1x is 64 images by default: one Parquet part (``write.rows_per_file``), enough for every stage to run several
 batches and its actors to reach their working-set size. At 20 images the job ends while the CRF actors' allocators
@@ -127,7 +127,7 @@ class MemorySampler(threading.Thread):
         self.peak = dict.fromkeys(KEYS, 0)
         self.max_workers = 0
         self.timeline: list[float] = []  # driver + workers without object-store pages, MiB, at every sample
-        self.at_peak: list[tuple[int, str]] = []  # (RSS MiB, process name) of the workers at the peak
+        self.at_peak: list[tuple[int, int, str]] = []  # (RSS MiB, private MiB, name) of workers at peak
         self._done = threading.Event()
         self._ticks = 0
 
@@ -150,7 +150,10 @@ class MemorySampler(threading.Thread):
             now["object_store_live"] = object_store_live_bytes()
         self.timeline.append(now["private"] / MIB)
         if now["driver_plus_workers"] > self.peak["driver_plus_workers"]:
-            self.at_peak = sorted(((rss_bytes(p) // MIB, _name(p)) for p in workers), reverse=True)
+            self.at_peak = sorted(
+                ((rss_bytes(p) // MIB, (rss_bytes(p) - shmem_bytes(p)) // MIB, _name(p)) for p in workers),
+                reverse=True,
+            )
         for k, v in now.items():
             self.peak[k] = max(self.peak[k], v)
         self.max_workers = max(self.max_workers, len(workers))
@@ -258,21 +261,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  peak {k} at {args.factor}x / 1x: {large['peak_mib'][k] / small['peak_mib'][k]:.2f}")
         ratio = large["peak_mib"]["private"] / small["peak_mib"]["private"]
         rss_ratio = large["peak_mib"]["driver_plus_workers"] / small["peak_mib"]["driver_plus_workers"]
+        pss_ratio = large["peak_mib"]["pss_total"] / small["peak_mib"]["pss_total"]
         print(
             f"\n  BAR peak driver+workers without object-store pages {args.factor}x / 1x = {ratio:.2f}  "
-            f"(bar <= 1.25); with them (RSS) {rss_ratio:.2f}"
+            f"(bar <= 1.25); PSS of everything {pss_ratio:.2f}; RSS summed over processes {rss_ratio:.2f}"
         )
         print(
             f"  object store: {small['object_store_capacity_mib']:.0f} MiB; the largest share one process had "
             f"touched: {small['peak_mib']['object_store']:.0f} MiB at 1x, {large['peak_mib']['object_store']:.0f} "
             f"MiB at {args.factor}x; in use (live objects): {small['peak_mib']['object_store_live']:.0f} MiB at 1x, "
-            f"{large['peak_mib']['object_store_live']:.0f} MiB at {args.factor}x (the DCNN's run-ahead waiting for "
-            "the CRF; Ray Data's budget, half the store, bounds it)"
+            f"{large['peak_mib']['object_store_live']:.0f} MiB at {args.factor}x (rows waiting for the next stage; "
+            "flow.bound_run_ahead caps the DCNN's run-ahead)"
         )
         print(f"  throughput {args.factor}x / 1x = {large['images_per_s'] / small['images_per_s']:.2f}")
         for n in sizes:
             print(f"  statuses at {n}: {results[n]['status']}")
-            print(f"  workers at the peak ({n} images), RSS MiB: {results[n]['workers_at_peak']}")
+            print(f"  workers at the peak ({n} images), (RSS, private) MiB: {results[n]['workers_at_peak']}")
             print(
                 f"  running peak private MiB by tenth of the run ({n}): {[round(v) for v in results[n]['peak_by_tenth']]}"
             )

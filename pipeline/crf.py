@@ -400,8 +400,10 @@ class CRFRefiner:
     """Ray Data stage (map_batches, batch_format="numpy", CPU actors): DCNN logits + image -> CRF mask.
 
     Input columns: ID, STATUS, ERROR, IMAGE uint8 (H, W, 3), LOGITS float16 (C, h, w) stride 8, UPSAMPLE_OFFSET.
-    Output: the input columns minus LOGITS, plus MASK uint8 (H, W) (empty (0, 0) for rows not ok), "crf_s"
-    (seconds spent on the row) and "crf_node". A row that fails becomes STATUS "crf_error" with the reason.
+    Output: the input columns minus LOGITS and IMAGE, plus MASK uint8 (H, W) (empty (0, 0) for rows not ok),
+    "crf_s" (seconds spent on the row) and "crf_node". A row that fails becomes STATUS "crf_error" with the reason.
+    The image and logits are dropped here, not by a later stage: they are ~60 % of a row's bytes and no stage after
+    the CRF reads them, so the rows that wait for a whole Parquet part in the object store stay small.
     """
 
     def __init__(self, cfg: CRFConfig) -> None:
@@ -457,7 +459,7 @@ class CRFRefiner:
                 masks.append(np.zeros((0, 0), dtype=np.uint8))
             seconds[i] = time.perf_counter() - start
 
-        out = {k: v for k, v in batch.items() if k != LOGITS}
+        out = {k: v for k, v in batch.items() if k not in (LOGITS, IMAGE)}
         out[STATUS] = object_column(statuses)
         out[ERROR] = object_column(errors)
         out[MASK] = object_column(masks)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pipeline.write import summary_batch, write_part
 if TYPE_CHECKING:  # config and dcnn import torch; encode tasks import this module and need neither
     from pipeline.config import JobConfig, PoolConfig
 
-__all__ = ["PoolPlan", "plan_pools", "build_dataset", "execute"]
+__all__ = ["PoolPlan", "plan_pools", "bound_run_ahead", "build_dataset", "execute"]
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,34 @@ def encode_and_write(
     return summary_batch(table, write_part(table, output_uri, storage_cfg))
 
 
+_RUN_AHEAD_ENV = "RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD"
+
+
+def bound_run_ahead() -> None:
+    """Stop a fast stage from filling the object store ahead of a slow one (the DCNN ahead of the CRF).
+
+    Ray Data's downstream-capacity backpressure holds a stage back once its queued output exceeds
+    ``DataContext.downstream_capacity_backpressure_ratio`` (2) x what its consumer has in flight, but only after
+    the stage has used half its object-store budget (a share of half the store: GiBs on a real node). Until then
+    the DCNN (~5x the CRF's speed on this CPU, far more on a GPU) parks ~1 MB rows in the store: 484 MiB at 640
+    images in bench/scale.py, growing with the dataset. Threshold 0 applies the cap from the first block: 148 MiB
+    at 640 images, 153 at 1280 (with the CRF actors dropping the image), throughput within this machine's noise.
+    Ray reads the threshold from an environment variable once, into a class attribute, so it is set there; if a Ray
+    upgrade moves it, the job logs it and runs with Ray's default (tests/test_flow.py catches that).
+    An explicit ``RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD`` in the environment wins.
+    """
+    if _RUN_AHEAD_ENV in os.environ:
+        return
+    try:
+        from ray.data._internal.execution.backpressure_policy import DownstreamCapacityBackpressurePolicy
+    except ImportError:
+        DownstreamCapacityBackpressurePolicy = None
+    if not hasattr(DownstreamCapacityBackpressurePolicy, "OBJECT_STORE_BUDGET_UTIL_THRESHOLD"):
+        log.warning("this Ray lacks the downstream-capacity backpressure threshold: the DCNN may run ahead")
+        return
+    DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD = 0.0
+
+
 def build_dataset(
     items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan
 ) -> ray.data.Dataset:
@@ -95,6 +124,7 @@ def build_dataset(
     ctx = DataContext.get_current()
     ctx.wait_for_min_actors_s = 600  # a cluster that can't place the pools fails instead of hanging
     ctx.execution_no_progress_timeout_s = 900
+    bound_run_ahead()
     num_blocks = max(1, math.ceil(len(items) / cfg.read.items_per_block))
     ds = ray.data.from_items(items, override_num_blocks=num_blocks)
     ds = ds.map_batches(fetch_batch, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=None)  # bytes per row
@@ -107,8 +137,10 @@ def build_dataset(
         num_gpus=plan.dcnn_num_gpus,
         num_cpus=plan.dcnn_num_cpus,
     )
-    if cfg.crf is not None:
-        ds = ds.map_batches(  # mask: uint8 (H, W), one dense CRF at a time per actor process
+    if cfg.crf is None:
+        ds = ds.drop_columns([S.IMAGE])  # the largest column; no later stage needs it (CRF actors drop it)
+    else:
+        ds = ds.map_batches(  # mask: uint8 (H, W), one dense CRF at a time per actor process; drops image, logits
             CRFRefiner,
             fn_constructor_kwargs={"cfg": cfg.crf},
             batch_size=1,
@@ -116,7 +148,6 @@ def build_dataset(
             num_cpus=1,
             resources=plan.crf_resources or None,
         )
-    ds = ds.drop_columns([S.IMAGE])  # the largest column; no stage after the CRF needs it
     return ds.map_batches(  # PNG masks + confusion counts -> one committed Parquet part per batch
         encode_and_write,
         fn_kwargs={"encode_cfg": encode_cfg, "output_uri": cfg.write.output_uri, "storage_cfg": cfg.storage},

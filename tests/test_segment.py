@@ -98,6 +98,10 @@ def test_rows_schema_and_equal_to_single_process_reference(
     assert {r[S.STATUS] for r in rows.values()} == {S.OK}
     assert manifest["counts"]["inputs"] == manifest["counts"]["rows"] == 10
     assert manifest["metrics"]["mean_iou_raw"] is not None
+    # The job capped the DCNN's run-ahead from the first block (flow.bound_run_ahead), not at half the store.
+    from ray.data._internal.execution.backpressure_policy import DownstreamCapacityBackpressurePolicy
+
+    assert DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD == 0.0
 
     # The same stages in one process, no Ray, same images: masks must be identical.
     meta, digest = load_model_meta(cfg)

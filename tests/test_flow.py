@@ -1,0 +1,71 @@
+"""flow: the DCNN's run-ahead is capped from the first block (bound_run_ahead), on real Ray Data."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from ray.data import ActorPoolStrategy
+
+from pipeline.flow import bound_run_ahead
+
+ROWS = 40
+PAYLOAD = 1 << 20  # 1 MiB per row, as a DCNN output row (image, label, logits, raw mask)
+
+
+def _max_run_ahead() -> int:
+    """Rows a fast actor stage had produced but the slow one had not yet consumed, at the worst moment.
+
+    Two actor stages, as the DCNN and CRF pools (Ray Data fuses a task stage into the actor after it, leaving no
+    queue). The classes are local so that cloudpickle ships them by value: Ray workers can't import this module.
+    """
+    import ray
+
+    class Produce:  # the DCNN: a 1 MiB row in no time
+        def __call__(self, batch: dict) -> dict:
+            n = len(batch["item"])
+            return {
+                "item": batch["item"],
+                "payload": np.zeros((n, PAYLOAD), np.uint8),
+                "produced": np.full(n, time.time()),
+            }
+
+    class SlowConsumer:  # the CRF: ~40x slower
+        def __call__(self, batch: dict) -> dict:
+            time.sleep(0.4)
+            return {"item": batch["item"], "produced": batch["produced"], "consumed": np.full(1, time.time())}
+
+    ds = ray.data.from_items([{"item": i} for i in range(ROWS)], override_num_blocks=ROWS)
+    ds = ds.map_batches(Produce, batch_size=None, compute=ActorPoolStrategy(size=1), num_cpus=1)
+    ds = ds.map_batches(SlowConsumer, batch_size=1, compute=ActorPoolStrategy(size=1), num_cpus=1)
+    rows = ds.take_all()
+    assert sorted(r["item"] for r in rows) == list(range(ROWS))
+    produced = np.sort([r["produced"] for r in rows])
+    consumed = np.sort([r["consumed"] for r in rows])
+    return int(max(np.searchsorted(produced, t, side="right") - k for k, t in enumerate(consumed)))
+
+
+def test_bound_run_ahead_caps_a_fast_stage_ahead_of_a_slow_one(ray_local, monkeypatch):
+    from ray.data._internal.execution.backpressure_policy import DownstreamCapacityBackpressurePolicy
+
+    monkeypatch.delenv("RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD", raising=False)
+    # Ray's default: the cap engages only at half the stage's object-store budget, so nearly every row runs ahead.
+    monkeypatch.setattr(DownstreamCapacityBackpressurePolicy, "OBJECT_STORE_BUDGET_UTIL_THRESHOLD", 0.5)
+    unbounded = _max_run_ahead()
+    bound_run_ahead()
+    assert DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD == 0.0
+    bounded = _max_run_ahead()
+    # Measured here: 29 rows unbounded, 8 bounded (the consumer's 2 blocks in flight, 2x that queued, the
+    # producer's own).
+    assert unbounded >= 20, unbounded
+    assert bounded <= 12, bounded
+
+
+def test_an_explicit_environment_setting_wins(monkeypatch):
+    """Ray read the variable into the attribute at import: bound_run_ahead must leave the user's value alone."""
+    from ray.data._internal.execution.backpressure_policy import DownstreamCapacityBackpressurePolicy
+
+    monkeypatch.setattr(DownstreamCapacityBackpressurePolicy, "OBJECT_STORE_BUDGET_UTIL_THRESHOLD", 0.3)
+    monkeypatch.setenv("RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD", "0.3")
+    bound_run_ahead()
+    assert DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD == 0.3

@@ -102,7 +102,8 @@ def bound_run_ahead() -> None:
     at 640 images, 153 at 1280 (with the CRF actors dropping the image), throughput within this machine's noise.
     Ray reads the threshold from an environment variable once, into a class attribute, so it is set there; if a Ray
     upgrade moves it, the job logs it and runs with Ray's default (tests/test_flow.py catches that).
-    An explicit ``RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD`` in the environment wins.
+    An explicit ``RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD`` in the environment wins (0.5 is
+    Ray's default). The setting is process-wide: every Ray Data pipeline this driver runs afterwards has the brake.
     """
     if _RUN_AHEAD_ENV in os.environ:
         return

@@ -130,9 +130,12 @@ def test_cli_submit_status_logs_and_stop(head, tmp_path, capsys):
     rc = submit_main([*conn, "--working-dir", str(tmp_path), "--no-wait", "sleeper"])
     sid = next(w for w in capsys.readouterr().out.split() if w.startswith("raysubmit_"))
     assert rc == 0
-    deadline = time.monotonic() + 60
-    while job_status(head.dashboard_url, sid, auth_token=TOKEN) != "RUNNING" and time.monotonic() < deadline:
+    deadline = time.monotonic() + 60  # RUNNING comes before the entrypoint's python prints: wait for its line
+    while (
+        "sleeping" not in job_logs(head.dashboard_url, sid, auth_token=TOKEN) and time.monotonic() < deadline
+    ):
         time.sleep(0.5)
+    assert job_status(head.dashboard_url, sid, auth_token=TOKEN) == "RUNNING"
     assert jobs_main([*conn, "stop", sid, "--wait"]) == 0
     assert f"{sid} STOPPED" in capsys.readouterr().out
     assert job_status(head.dashboard_url, sid, auth_token=TOKEN) == "STOPPED"

@@ -135,24 +135,25 @@ class MemorySampler(threading.Thread):
         me = os.getpid()
         procs = descendants(me)
         workers = [p for p in procs if is_worker(p)]
+        # one reading per process, so the totals and at_peak agree
+        rss = {p: rss_bytes(p) for p in [me, *workers]}
+        shm = {p: shmem_bytes(p) for p in [me, *workers]}
         now = {
-            "driver": rss_bytes(me),
-            "workers": sum(rss_bytes(p) for p in workers),
-            "daemons": sum(rss_bytes(p) for p in procs if p not in workers),
+            "driver": rss[me],
+            "workers": sum(rss[p] for p in workers),
+            "daemons": sum(rss_bytes(p) for p in procs if p not in rss),
             "pss_total": pss_bytes(me) + sum(pss_bytes(p) for p in procs),
         }
         now["driver_plus_workers"] = now["driver"] + now["workers"]
-        shm = [shmem_bytes(p) for p in [me, *workers]]
-        now["private"] = now["driver_plus_workers"] - sum(shm)
-        now["object_store"] = max(shm, default=0)
+        now["private"] = now["driver_plus_workers"] - sum(shm.values())
+        now["object_store"] = max(shm.values())
         self._ticks += 1
         if self._ticks % 5 == 1:  # an RPC to Ray: once a second
             now["object_store_live"] = object_store_live_bytes()
         self.timeline.append(now["private"] / MIB)
         if now["driver_plus_workers"] > self.peak["driver_plus_workers"]:
             self.at_peak = sorted(
-                ((rss_bytes(p) // MIB, (rss_bytes(p) - shmem_bytes(p)) // MIB, _name(p)) for p in workers),
-                reverse=True,
+                ((rss[p] // MIB, (rss[p] - shm[p]) // MIB, _name(p)) for p in workers), reverse=True
             )
         for k, v in now.items():
             self.peak[k] = max(self.peak[k], v)

@@ -3,7 +3,7 @@
 Three measurements on the same generated VOC-size scenes (500x375, 21 classes), in one run:
 
 1. **Stages in-process** (the cost model): every stage of the job (read, decode, DCNN, CRF, encode + write) run in
-   this process with one torch thread over every image, timed with the thread's CPU clock, so each figure is
+   this process with one torch thread over the images, timed with the thread's CPU clock, so each figure is
    core-seconds per image and hardly moves with other load on the machine. ideal images/s = cores / (sum of the
    stages' core-seconds). This pass is also the single-process loop on one core (one torch thread, as each of the
    job's actors runs): its wall time is printed as such.
@@ -12,6 +12,10 @@ Three measurements on the same generated VOC-size scenes (500x375, 21 classes), 
 3. **Ray job**: ``pipeline.segment.run_segment`` on a local Ray (started before the clock, as a cluster would be),
    timed end to end: listing, actor start-up (torch import, model load), streaming, commit, manifest. Its CPU
    seconds are summed over every process it starts (driver, Ray daemons, actors, tasks) and printed per process.
+
+The two in-process measurements are split around the Ray job (even-numbered images before it, odd-numbered after,
+summed): this VM's speed drifts by ~10 % within minutes, and a pass run only before the Ray job put that drift into
+the ratio and the efficiency (the ideal moved 3.87-4.67 images/s across runs). The ideal of each half is printed.
 
 Prints images/s of each, ratio = Ray / single process and efficiency = Ray / ideal. The default 480 images make a
 run of ~2 minutes, so actor start-up (~5 s of torch imports and model loads) weighs as in a real batch job rather
@@ -272,6 +276,7 @@ def stage_costs(cfg, encode_cfg, items: list[dict], *, batch_size: int = 8) -> d
         wall[name] += time.perf_counter() - w0
         return out
 
+    load_s = time.monotonic() - t0
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         batch = {k: np.array([it[k] for it in chunk], dtype=object) for k in chunk[0]}
@@ -286,11 +291,33 @@ def stage_costs(cfg, encode_cfg, items: list[dict], *, batch_size: int = 8) -> d
     n = len(items)
     return {
         "images": n,
+        "load_s": load_s,
         "total_wall_s": total_wall,
         "images_per_s": n / total_wall,
         "core_s": {k: cpu[k] / n for k in STAGES},
         "wall_s": {k: wall[k] / n for k in STAGES},
         "labels_kept_mean": float(np.mean(kept)),
+    }
+
+
+def merge_stage_costs(a: dict, b: dict) -> dict:
+    """Two passes over disjoint halves as one: per-image figures weighted by images, one model load counted."""
+    n = a["images"] + b["images"]
+
+    def mean(key: str, k: str | None = None) -> float:
+        va, vb = (a[key], b[key]) if k is None else (a[key][k], b[key][k])
+        return (va * a["images"] + vb * b["images"]) / n
+
+    total_wall = a["total_wall_s"] + b["total_wall_s"] - b["load_s"]
+    return {
+        "images": n,
+        "load_s": a["load_s"],
+        "total_wall_s": total_wall,
+        "images_per_s": n / total_wall,
+        "core_s": {k: mean("core_s", k) for k in STAGES},
+        "wall_s": {k: mean("wall_s", k) for k in STAGES},
+        "labels_kept_mean": mean("labels_kept_mean"),
+        "ideal_halves": [CORES / sum(h["core_s"].values()) for h in (a, b)],
     }
 
 
@@ -313,6 +340,24 @@ def run_single(cfg, encode_cfg, items: list[dict]) -> dict:
     n = len(items)
     return {
         **out,
+        "cpu_s": cpu,
+        "total_wall_s": wall,
+        "total_images_per_s": n / wall,
+        "cpu_s_per_image": cpu / n,
+        "cores_used": cpu / wall,
+    }
+
+
+def merge_single(a: dict, b: dict) -> dict:
+    """Two runs over disjoint halves as one: the second run's model load left out (wall_s is its loop only)."""
+    n = a["processed"] + b["processed"]
+    wall = a["total_wall_s"] + b["wall_s"]
+    cpu = a["cpu_s"] + b["cpu_s"]
+    return {
+        "processed": n,
+        "status_counts": dict(Counter(a["status_counts"]) + Counter(b["status_counts"])),
+        "halves_images_per_s": [a["images_per_s"], b["images_per_s"]],
+        "cpu_s": cpu,
         "total_wall_s": wall,
         "total_images_per_s": n / wall,
         "cpu_s_per_image": cpu / n,
@@ -369,16 +414,26 @@ def main(argv: list[str] | None = None) -> int:
         cfg, crf_raw = job_config(scenes, str(work / "out-stages"), model)
         cfg, encode_cfg = resolved(cfg, crf_raw)
         items = items_of(cfg)
-        stages = stage_costs(cfg, encode_cfg, items)
-        core_s = sum(stages["core_s"].values())
-        ideal = CORES / core_s
+        halves = (items[0::2], items[1::2])  # in-process passes before and after the Ray job: drift cancels
 
-        single_cfg, _ = job_config(scenes, str(work / "out-single"), model)
-        single_cfg, _ = resolved(single_cfg, crf_raw)
-        single = run_single(single_cfg, encode_cfg, items)
+        def stage_pass(half: int) -> dict:
+            stage_cfg, _ = resolved(job_config(scenes, str(work / f"out-stages-{half}"), model)[0], crf_raw)
+            return stage_costs(stage_cfg, encode_cfg, halves[half])
 
+        def single_pass(half: int) -> dict:
+            single_cfg, _ = resolved(job_config(scenes, str(work / f"out-single-{half}"), model)[0], crf_raw)
+            return run_single(single_cfg, encode_cfg, halves[half])
+
+        stages_a = stage_pass(0)  # mirrored order: stages, single | Ray job | single, stages
+        single_a = single_pass(0)
         ray_cfg, _ = job_config(scenes, str(work / "out-ray"), model)
         ray_run = run_ray(ray_cfg, crf_raw)
+        single_b = single_pass(1)
+        stages_b = stage_pass(1)
+        stages = merge_stage_costs(stages_a, stages_b)
+        single = merge_single(single_a, single_b)
+        core_s = sum(stages["core_s"].values())
+        ideal = CORES / core_s
         end_load = load_average()
         print(f"end:   {uptime()}")
 
@@ -388,10 +443,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:<14}{stages['core_s'][k]:>9.4f}{stages['wall_s'][k]:>9.4f}")
         print(f"  {'sum':<14}{core_s:>9.4f}{sum(stages['wall_s'].values()):>9.4f}")
         print(f"  labels kept for the CRF: {stages['labels_kept_mean']:.1f} on average")
-        print(f"\n  ideal on {CORES} cores     {ideal:7.2f} images/s  (cores / sum of core-s)")
+        print(
+            f"\n  ideal on {CORES} cores     {ideal:7.2f} images/s  (cores / sum of core-s; "
+            f"{stages['ideal_halves'][0]:.2f} before the Ray job, {stages['ideal_halves'][1]:.2f} after)"
+        )
         print(
             f"  single process       {single['total_images_per_s']:7.2f} images/s  "
-            f"({single['total_wall_s']:.1f} s; {single['cores_used']:.2f} cores busy; torch's default threads)"
+            f"({single['total_wall_s']:.1f} s; {single['cores_used']:.2f} cores busy; torch's default threads; "
+            f"{single['halves_images_per_s'][0]:.2f} before, {single['halves_images_per_s'][1]:.2f} after)"
         )
         print(
             f"  single process, 1 thr{stages['images_per_s']:7.2f} images/s  "

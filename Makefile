@@ -26,6 +26,7 @@ lint: setup
 bench: setup
 	$(BIN)/python bench/crf.py
 	$(BIN)/python bench/dcnn.py
+	$(BIN)/python bench/cores.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/scale.py
 

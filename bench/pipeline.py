@@ -22,7 +22,7 @@ vCPU idle, the Ray job keeps every vCPU busy, and a vCPU does less work when its
 with every core busy (ideal / busy factor) and the efficiency against it are printed beside the plain ones.
 
 Prints images/s of each, ratio = Ray / single process and efficiency = Ray / ideal. The default 480 images make a
-run of ~2 minutes, so actor start-up (~5 s of torch imports and model loads) weighs as in a real batch job rather
+Ray job of ~2.5 minutes (the whole benchmark ~14), so actor start-up (~5 s of torch imports and model loads) weighs as in a real batch job rather
 than dominating; at 160 images it costs ~15 points of efficiency.
 
 Model: the DCNN on a GPU costs a few ms per image while the dense CRF costs ~0.3 core-seconds on CPU; a full-width

@@ -22,8 +22,8 @@ vCPU idle, the Ray job keeps every vCPU busy, and a vCPU does less work when its
 with every core busy (ideal / busy factor) and the efficiency against it are printed beside the plain ones.
 
 Prints images/s of each, ratio = Ray / single process and efficiency = Ray / ideal. The default 480 images make a
-Ray job of ~2.5 minutes (the whole benchmark ~14), so actor start-up (~5 s of torch imports and model loads) weighs as in a real batch job rather
-than dominating; at 160 images it costs ~15 points of efficiency.
+Ray job of ~2.5 minutes (the whole benchmark ~14), so actor start-up (~5 s of torch imports and model loads) weighs
+as in a real batch job rather than dominating; at 160 images it costs ~15 points of efficiency.
 
 Model: the DCNN on a GPU costs a few ms per image while the dense CRF costs ~0.3 core-seconds on CPU; a full-width
 DeepLab-LargeFOV on this CPU would cost seconds per image and turn the benchmark into a DCNN benchmark. So the

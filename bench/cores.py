@@ -62,7 +62,7 @@ def crf_phase(processes: int, seconds: float) -> float:
     return sum(cpu for _, cpu in done) / sum(n for n, _ in done)
 
 
-def busy_factor(*, rounds: int = 4, seconds: float = 20.0, verbose: bool = True) -> dict:
+def busy_factor(*, rounds: int = 4, seconds: float = 20.0) -> dict:
     """Core-seconds per CRF alone and with every vCPU busy, rounds in ABBA order; their ratio."""
     alone: list[float] = []
     busy: list[float] = []
@@ -70,8 +70,7 @@ def busy_factor(*, rounds: int = 4, seconds: float = 20.0, verbose: bool = True)
         order = ((1, alone), (CORES, busy)) if r % 2 == 0 else ((CORES, busy), (1, alone))
         for processes, out in order:
             out.append(crf_phase(processes, seconds))
-            if verbose:
-                print(f"  round {r}: {processes} process(es): {out[-1]:.4f} core-s per CRF", flush=True)
+            print(f"  round {r}: {processes} process(es): {out[-1]:.4f} core-s per CRF", flush=True)
     a, b = sum(alone) / len(alone), sum(busy) / len(busy)
     return {
         "cores": CORES,

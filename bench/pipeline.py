@@ -17,9 +17,9 @@ The two in-process measurements are split around the Ray job (even-numbered imag
 summed): this VM's speed drifts by ~10 % within minutes, and a pass run only before the Ray job put that drift into
 the ratio and the efficiency (the ideal moved 3.87-4.67 images/s across runs). The ideal of each half is printed.
 
-Last, ``bench/cores.py``'s busy factor (2 ABBA rounds, ~80 s): the in-process pass runs one thread with the other
-vCPU idle, the Ray job keeps every vCPU busy, and a vCPU does less work when its neighbour is busy too. The ideal
-with every core busy (ideal / busy factor) and the efficiency against it are printed beside the plain ones.
+The in-process pass runs one thread with the other vCPU idle while the Ray job keeps every vCPU busy, and a vCPU
+does less work when its neighbour is busy too: ``bench/cores.py`` measures that (the busy factor) on its own; a
+figure from a few rounds inside this benchmark would be as noisy as the VM (0.80-1.15 per round).
 
 Prints images/s of each, ratio = Ray / single process and efficiency = Ray / ideal. The default 480 images make a
 Ray job of ~2.5 minutes (the whole benchmark ~14), so actor start-up (~5 s of torch imports and model loads) weighs
@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from bench.cores import busy_factor  # noqa: E402
 from pipeline.localhead import descendants  # noqa: E402
 
 CORES = os.cpu_count() or 1
@@ -439,8 +438,6 @@ def main(argv: list[str] | None = None) -> int:
         single = merge_single(single_a, single_b)
         core_s = sum(stages["core_s"].values())
         ideal = CORES / core_s
-        print("busy factor (bench/cores.py):")
-        busy = busy_factor(rounds=2, seconds=20.0)
         end_load = load_average()
         print(f"end:   {uptime()}")
 
@@ -485,12 +482,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"  ratio Ray / single, 1 thread {ratio1:.2f}x  (the same loop on one core)")
         print(f"  efficiency Ray / ideal      {eff:.1%}   (bar >= 85 %)")
-        eff_busy = eff * busy["factor"]
-        print(
-            f"  busy factor {busy['factor']:.3f} (a CRF costs {busy['alone_core_s']:.3f} core-s alone, "
-            f"{busy['busy_core_s']:.3f} with all {CORES} vCPUs busy): ideal with every core busy "
-            f"{ideal / busy['factor']:.2f} images/s, efficiency against it {eff_busy:.1%}"
-        )
         print("  Ray job CPU seconds by process:")
         for kind, sec in ray_run["cpu_s_by_process"].items():
             print(f"    {kind:<28}{sec:8.1f} s  {sec / ray_run['processed']:.4f} per image")
@@ -509,8 +500,6 @@ def main(argv: list[str] | None = None) -> int:
                 "ray": ray_run,
                 "ratio": ratio,
                 "efficiency": eff,
-                "busy": busy,
-                "efficiency_busy": eff_busy,
                 "load": [load, end_load],
             }
             Path(args.json).write_text(json.dumps(figures, indent=2, default=str))

@@ -1,11 +1,12 @@
 """Benchmark of the machine itself: what a CRF costs on one busy vCPU alone vs with every vCPU busy, side by side.
 
 The pipeline's ideal (``bench/pipeline.py``) is cores / (sum of the stages' core-seconds measured in one process),
-which assumes that N busy vCPUs do N times the work of one. On a cloud VM two vCPUs are often the two hyperthreads
-of one physical core (the guest cannot tell: ``lscpu`` here says 1 thread per core), and then each does less
-when the other is busy too. This measures it with the job's dominant work, ``pipeline.crf.refine`` on generated
-500x375 scenes: rounds alternate one process alone and one process per vCPU at once (ABBA order, so the VM's drift
-cancels), each process timing its CRFs with its thread's CPU clock.
+which assumes that N busy vCPUs do N times the work of one. On a cloud VM the vCPUs share the host's cores, caches
+and memory bandwidth (on many instance types two vCPUs are one physical core's hyperthreads; the guest cannot tell,
+``lscpu`` here says 1 thread per core), so each may do less when the others are busy too. This measures it with the
+job's dominant work, ``pipeline.crf.refine`` on generated 500x375 scenes: rounds alternate one process alone and
+one process per vCPU at once (ABBA order, so the VM's drift cancels), each process timing its CRFs with its thread's
+CPU clock.
 
 Prints core-seconds per image alone and side by side, their ratio (the busy factor: > 1 means a busy neighbour
 slows each vCPU down) and what all vCPUs together deliver as a multiple of one.

@@ -37,6 +37,7 @@ model, 5-8 labels survive the CRF's pruning. ``--model PATH`` uses a real checkp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -415,23 +416,23 @@ def main(argv: list[str] | None = None) -> int:
 
         load = wait_for_load(args.wait_load)
         print(f"start: {uptime()}")
-        cfg, crf_raw = job_config(scenes, str(work / "out-stages"), model)
-        cfg, encode_cfg = resolved(cfg, crf_raw)
+        job, crf_raw = job_config(scenes, str(work / "out-ray"), model)  # as `deeplab segment` builds it
+        cfg, encode_cfg = resolved(job, crf_raw)  # what run_segment resolves, for the in-process passes
         items = items_of(cfg)
         halves = (items[0::2], items[1::2])  # in-process passes before and after the Ray job: drift cancels
 
+        def writing_to(name: str):
+            return dataclasses.replace(cfg, write=dataclasses.replace(cfg.write, output_uri=str(work / name)))
+
         def stage_pass(half: int) -> dict:
-            stage_cfg, _ = resolved(job_config(scenes, str(work / f"out-stages-{half}"), model)[0], crf_raw)
-            return stage_costs(stage_cfg, encode_cfg, halves[half])
+            return stage_costs(writing_to(f"out-stages-{half}"), encode_cfg, halves[half])
 
         def single_pass(half: int) -> dict:
-            single_cfg, _ = resolved(job_config(scenes, str(work / f"out-single-{half}"), model)[0], crf_raw)
-            return run_single(single_cfg, encode_cfg, halves[half])
+            return run_single(writing_to(f"out-single-{half}"), encode_cfg, halves[half])
 
         stages_a = stage_pass(0)  # mirrored order: stages, single | Ray job | single, stages
         single_a = single_pass(0)
-        ray_cfg, _ = job_config(scenes, str(work / "out-ray"), model)
-        ray_run = run_ray(ray_cfg, crf_raw)
+        ray_run = run_ray(job, crf_raw)
         single_b = single_pass(1)
         stages_b = stage_pass(1)
         stages = merge_stage_costs(stages_a, stages_b)

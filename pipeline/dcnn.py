@@ -12,12 +12,22 @@ images up to 513 x 513 (514) the network input is exactly Caffe's.
 
 Contract handed to the CRF stage: ``logits`` float16 (C, h, w) at stride 8, already cropped to the rows/columns
 that ``model.upsample_logits(logits, H, W, offset=upsample_offset)`` needs; ``raw_mask`` uint8 (H, W).
+
+On a GPU (docs/performance.md, "GPU check"): the actor uses CUDA exactly when Ray gave it GPUs and proves the
+device with a warm-up forward before it scores a row. Sub-batches are bounded by padded pixels
+(``max_batch_pixels``) as well as by ``batch_size``; an out-of-memory error halves the sub-batch (after the
+``except`` block has let go of the failed attempt's tensors) and lowers the actor's budget. Persistent device
+errors (illegal address, no kernel image, cuDNN failures) are not image errors: the actor logs them and exits its
+process, so Ray restarts it and retries the block on a fresh CUDA context (see ``DeepLabPredictor``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -35,6 +45,8 @@ from pipeline.weights import CAFFE_MEAN_BGR, load_checkpoint
 __all__ = [
     "DCNNConfig",
     "DeepLabPredictor",
+    "DeviceFault",
+    "resolve_device",
     "padded_size",
     "logits_size",
     "preprocess",
@@ -54,8 +66,15 @@ class DCNNConfig:
 
     model_uri: str  # checkpoint .pt, local path or s3:// URI
     expected_variant: str | None = None  # fail at load when the checkpoint holds another variant
-    device: str = "auto"  # "auto" (cuda when available), "cpu" or "cuda"
-    batch_size: int = 4  # images per forward pass (sub-batches of equal padded size)
+    # "auto": in a Ray actor CUDA exactly when Ray assigned it GPUs, elsewhere CUDA when torch sees one; "cpu" or
+    # "cuda" to insist (an actor planned without GPUs then fails at start instead of grabbing one).
+    device: str = "auto"
+    batch_size: int = 4  # at most this many images per forward pass (sub-batches of equal padded size)
+    # At most this many padded pixels per forward pass (an image larger than that runs alone). Activation memory
+    # follows pixels, not images: conv1_2 holds two 64-channel float32 maps, ~0.5 KiB per pixel, so a 12-MP photo
+    # padded to 4001x3001 needs ~5.7 GiB there and the default (8 images at 513x513, ~1 GiB) fits any GPU.
+    # An out-of-memory error halves the sub-batch and lowers this actor's budget. None = no pixel bound.
+    max_batch_pixels: int | None = 8 * 513 * 513
     min_input_size: int | None = None  # smallest padded side; None = the model's Caffe crop size (513 / 514)
     # Mixed precision on any device; off by default (float32, as the paper). On a CPU with AMX, bf16 + channels_last
     # takes 3.6-4.4x less CPU than float32 for the full-width model at 99.7-99.96 % raw-mask agreement; where bf16
@@ -65,6 +84,9 @@ class DCNNConfig:
     # and the layout tensor cores want.
     channels_last: bool = True
     num_threads: int | None = None  # torch intra-op threads in this process; None = torch's default
+    # float32 convolutions on CUDA are exact IEEE float32 unless this is on (cuDNN would use TF32 tensor cores on
+    # Ampere and later by default: ~10-bit mantissas, a different model than the paper's). Autocast overrides it.
+    allow_tf32: bool = False
 
     def __post_init__(self) -> None:
         if not self.model_uri:
@@ -79,6 +101,8 @@ class DCNNConfig:
             raise ValueError(f"dcnn.autocast must be none, bf16 or fp16, got {self.autocast!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"dcnn.num_threads must be >= 1 or None, got {self.num_threads}")
+        if self.max_batch_pixels is not None and self.max_batch_pixels < 1:
+            raise ValueError(f"dcnn.max_batch_pixels must be >= 1 or None, got {self.max_batch_pixels}")
 
 
 # --- geometry ---------------------------------------------------------------------------------------------------
@@ -148,16 +172,25 @@ def _model_device(model: DeepLab) -> torch.device:
 
 
 def _groups(
-    images: Sequence[np.ndarray], *, crop_size: int, min_input_size: int | None, batch_size: int
+    images: Sequence[np.ndarray],
+    *,
+    crop_size: int,
+    min_input_size: int | None,
+    batch_size: int,
+    max_batch_pixels: int | None = None,
 ) -> Iterator[tuple[tuple[int, int], list[int]]]:
-    """(padded size, indices) chunks: images of equal padded size, at most ``batch_size`` each, in input order."""
+    """(padded size, indices) chunks of equal padded size, in input order: at most ``batch_size`` images and
+    ``max_batch_pixels`` padded pixels each (but always at least one image)."""
     by_size: dict[tuple[int, int], list[int]] = {}
     for i, image in enumerate(images):
         key = padded_size(image.shape[0], image.shape[1], crop_size=crop_size, min_input_size=min_input_size)
         by_size.setdefault(key, []).append(i)
     for size, indices in by_size.items():
-        for start in range(0, len(indices), batch_size):
-            yield size, indices[start : start + batch_size]
+        per_batch = batch_size
+        if max_batch_pixels is not None:
+            per_batch = max(1, min(batch_size, max_batch_pixels // (size[0] * size[1])))
+        for start in range(0, len(indices), per_batch):
+            yield size, indices[start : start + per_batch]
 
 
 def _forward(
@@ -248,6 +281,123 @@ def predict_probs(
     return out
 
 
+# --- device ---------------------------------------------------------------------------------------------------
+
+
+class DeviceFault(RuntimeError):
+    """A device error that poisons the process (CUDA context), not the image: no later row here can be trusted."""
+
+
+# Substrings of torch's messages. Out of memory is checked first: "CUDA error: out of memory" is an OOM too.
+_OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "can't allocate memory")
+_FAULT_MARKERS = (
+    "CUDA error",
+    "CUDA driver error",
+    "cuDNN error",
+    "CUDNN_STATUS_",
+    "CUBLAS_STATUS_",
+    "CUFFT_",
+    "no kernel image is available",
+    "illegal memory access",
+    "illegal instruction",
+    "device-side assert",
+    "unspecified launch failure",
+    "uncorrectable ECC error",
+)
+# How often the same batch may take a fresh actor on one node before the job fails instead (a poison input).
+MAX_FAULT_RESTARTS = 3
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MARKERS)
+    )
+
+
+def _is_device_fault(exc: BaseException) -> bool:
+    if _is_oom(exc):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, DeviceFault | accelerator_error) or (
+        isinstance(exc, RuntimeError) and any(m in str(exc) for m in _FAULT_MARKERS)
+    )
+
+
+def _ray_gpu_ids() -> list | None:
+    """GPU ids Ray assigned to this actor; None when this process is not a Ray actor (driver, tests, scripts)."""
+    ray = sys.modules.get(
+        "ray"
+    )  # only when already imported: every Ray worker has it, importing it costs ~1 s
+    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return list(ray.get_gpu_ids())
+
+
+def _cuda_unavailable(why: str) -> RuntimeError:
+    """The cause of torch not seeing CUDA, in one message: CPU wheel, driver, or hidden devices."""
+    if torch.version.cuda is None:
+        cause = (
+            f"this torch ({torch.__version__}) is a CPU-only build: install a CUDA wheel (infra/Dockerfile)"
+        )
+    else:
+        try:
+            torch.cuda.init()
+            detail = "torch.cuda.init() raised nothing"
+        except Exception as e:  # the driver's own reason: no driver, too old for CUDA x, no device
+            detail = f"{type(e).__name__}: {e}"
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        cause = (
+            f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={visible!r}; check the NVIDIA driver with nvidia-smi): {detail}"
+        )
+    return RuntimeError(f"{why}, but {cause}")
+
+
+def resolve_device(requested: str) -> torch.device:
+    """The DCNN's device. In a Ray actor: CUDA exactly when Ray assigned GPUs (``ray.get_gpu_ids()``); an actor
+    without GPUs hides them from this process before anything touches CUDA. Elsewhere: ``auto`` = CUDA if
+    torch sees it. A GPU that torch cannot use fails here, naming the cause."""
+    gpu_ids = _ray_gpu_ids()
+    if gpu_ids is None:
+        if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        if not torch.cuda.is_available():
+            raise _cuda_unavailable("dcnn.device is 'cuda'")
+        return torch.device("cuda", 0)
+    if not gpu_ids:  # planned on CPU, maybe on a GPU node: never create a CUDA context on another actor's GPU
+        if requested == "cuda":
+            raise ValueError(
+                "dcnn.device is 'cuda' but Ray assigned this actor no GPU (its pool plan has no num_gpus)"
+            )
+        if not torch.cuda.is_initialized():
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        return torch.device("cpu")
+    if requested == "cpu":
+        log.warning(
+            "dcnn.device is 'cpu' although Ray assigned GPUs %s to this actor: they stay idle", gpu_ids
+        )
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise _cuda_unavailable(f"Ray assigned GPUs {gpu_ids} to this DCNN actor")
+    return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned ids: the first is cuda:0
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued kernels, so a timer read next measures them (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _exit_process(code: int) -> None:  # a seam for tests
+    logging.shutdown()  # flush the log line that says why
+    os._exit(code)
+
+
 # --- Ray Data stage ---------------------------------------------------------------------------------------------
 
 
@@ -273,19 +423,37 @@ class DeepLabPredictor:
     Adds ``logits`` (float16 (C, h, w)), ``upsample_offset``, ``raw_mask`` (uint8 (H, W)), ``dcnn_s`` and
     ``dcnn_node``. Rows whose status is not ``ok`` pass through with empty arrays; an image that fails becomes a
     ``dcnn_error`` row and the rest of the batch carries on.
+
+    Device errors are not image errors. Out of memory: the sub-batch is halved and retried (down to one image,
+    which alone out of memory is that image's ``dcnn_error``). Non-finite logits under autocast are redone in
+    float32. A persistent device error (``_FAULT_MARKERS``) leaves the CUDA context unusable, so no row of the
+    batch is returned: in a Ray actor the process logs the cause and exits (``os._exit``), Ray restarts the actor
+    (Ray Data's actor defaults ``max_restarts=-1``, ``max_task_retries=-1``) and retries the block on the fresh
+    process, whose warm-up forward proves the device again before any row. Raising instead would fail the job
+    (``max_errored_blocks=0``) or, with ``actor_task_retry_on_errors``, retry on the same broken process. The same
+    batch failing on ``MAX_FAULT_RESTARTS`` fresh actors of one node raises ``DeviceFault`` and fails the job.
+    Outside Ray the ``DeviceFault`` is raised.
     """
 
     def __init__(self, cfg: DCNNConfig, storage_cfg: StorageConfig | None = None) -> None:
         self.cfg = cfg
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
-        auto = "cuda" if torch.cuda.is_available() else "cpu"
-        device = auto if cfg.device == "auto" else cfg.device
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("dcnn.device is 'cuda' but torch sees no CUDA device in this process")
-        self.device = torch.device(device)
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda":
+            if cfg.autocast == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+                name = torch.cuda.get_device_name(self.device)
+                raise ValueError(
+                    f"dcnn.autocast is bf16 but {name} has no native bfloat16 (compute capability "
+                    f"{'.'.join(map(str, torch.cuda.get_device_capability(self.device)))}, bf16 needs >= 8.0): "
+                    "use fp16 or none"
+                )
+            _set_tf32(cfg.allow_tf32)
         self.model, self.meta = load_checkpoint(
-            cfg.model_uri, storage_cfg=storage_cfg, expected_variant=cfg.expected_variant, map_location=device
+            cfg.model_uri,
+            storage_cfg=storage_cfg,
+            expected_variant=cfg.expected_variant,
+            map_location=self.device,
         )
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -293,26 +461,168 @@ class DeepLabPredictor:
         self.variant: str = self.model.variant
         self.num_classes: int = self.model.num_classes
         self.model_digest: str = self.meta["digest"]
+        self.max_batch_pixels = cfg.max_batch_pixels  # lowered by out-of-memory errors
+        self.in_ray_actor = _ray_gpu_ids() is not None
         self.node_id = _node_id()
+        self._warm_up()
         log.info(
-            "DeepLabPredictor: %s (%s) on %s, node %s",
+            "DeepLabPredictor: %s (%s) on %s%s, node %s",
             self.variant,
             self.model_digest[:12],
-            device,
+            self.device,
+            f" ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "",
             self.node_id,
         )
 
-    def _run(self, images: list[np.ndarray], size: tuple[int, int]) -> list[Tensor]:
+    def _warm_up(self) -> None:
+        """One small forward on the device, synchronised: a broken device fails the actor before any row."""
+        side = 33 + (self.model.crop_size - 33) % OUTPUT_STRIDE
+        image = np.zeros((side, side, 3), dtype=np.uint8)
+        try:
+            with torch.inference_mode():
+                out = self._run([image], (side, side))[0]
+                _sync(self.device)
+                finite = bool(torch.isfinite(out).all())
+        except Exception as e:
+            raise RuntimeError(
+                f"DCNN warm-up forward on {self.device} failed: {type(e).__name__}: {e}"
+            ) from e
+        if not finite and self.cfg.autocast == "none":
+            raise RuntimeError(f"DCNN warm-up forward on {self.device} gave non-finite float32 logits")
+
+    def _run(
+        self, images: list[np.ndarray], size: tuple[int, int], *, autocast: str | None = None
+    ) -> list[Tensor]:
         return _forward(
             self.model,
             images,
             size,
             device=self.device,
-            autocast=self.cfg.autocast,
+            autocast=self.cfg.autocast if autocast is None else autocast,
             channels_last=self.cfg.channels_last,
         )
 
+    def _forward_rows(
+        self, rows: list[int], images: list[np.ndarray], size: tuple[int, int]
+    ) -> Iterator[tuple[list[int], list[Tensor] | None, str | None, float]]:
+        """Forward ``rows`` (one padded size) -> (rows, outputs or None, error or None, seconds per image) chunks.
+
+        Retries happen after the ``except`` block: while it runs, the exception's traceback holds the failed
+        attempt's frames and their device tensors, so memory is freed only once it is left.
+        """
+        queue = [rows]
+        while queue:
+            chunk = queue.pop(0)
+            start = time.perf_counter()
+            kind, message = None, None
+            try:
+                outs = self._run([images[i] for i in chunk], size)
+                if self.cfg.autocast != "none":
+                    outs = self._redo_nonfinite(chunk, images, size, outs)
+                _sync(self.device)
+            except Exception as e:  # classified here, handled below without a reference to ``e``
+                kind = "fault" if _is_device_fault(e) else "oom" if _is_oom(e) else "error"
+                message = f"{type(e).__name__}: {e}"
+                outs = None
+            if kind is None:
+                yield chunk, outs, None, (time.perf_counter() - start) / len(chunk)
+                continue
+            if kind == "fault":
+                raise DeviceFault(message)
+            if kind == "oom":
+                _free_memory(self.device)
+            if len(chunk) > 1:
+                if kind == "oom":
+                    half = (len(chunk) + 1) // 2
+                    pixels = half * size[0] * size[1]
+                    if self.max_batch_pixels is None or pixels < self.max_batch_pixels:
+                        log.warning(
+                            "dcnn: out of memory at %d images of %dx%d on %s; max_batch_pixels now %d",
+                            len(chunk),
+                            *size,
+                            self.device,
+                            pixels,
+                        )
+                        self.max_batch_pixels = pixels
+                    queue[:0] = [chunk[:half], chunk[half:]]
+                else:  # isolate the image that fails, keep the others
+                    queue[:0] = [[i] for i in chunk]
+                continue
+            if kind == "oom":
+                h, w = images[chunk[0]].shape[:2]
+                message = f"out of memory for one {h}x{w} image (padded to {size[0]}x{size[1]}) on {self.device}: {message}"
+            yield chunk, None, message, 0.0
+
+    def _redo_nonfinite(
+        self, chunk: list[int], images: list[np.ndarray], size: tuple[int, int], outs: list[Tensor]
+    ) -> list[Tensor]:
+        """Images whose reduced-precision logits overflowed (fp16's range ends at 65504) run again in float32."""
+        for k, out in enumerate(outs):
+            if not bool(torch.isfinite(out).all()):
+                log.info(
+                    "dcnn: non-finite %s logits for a %dx%d image: redone in float32",
+                    self.cfg.autocast,
+                    *size,
+                )
+                outs[k] = self._run([images[chunk[k]]], size, autocast="none")[0]
+        return outs
+
+    def _postprocess(self, out: Tensor, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        up = upsample_logits(out, h, w, offset=self.model.upsample_offset)
+        # argmax of the upsampled logits = argmax of the upsampled softmax (monotonic per pixel).
+        # max(dim=0).indices, not argmax(dim=0): same first-index result, ~3.7x less CPU over the
+        # channel dim of a (C, H, W) tensor (36 -> 10 ms at 21x375x500 on one thread, timed 2026-11-30).
+        mask = up.max(dim=0).indices.to(torch.uint8).cpu().numpy()
+        logits = out.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().cpu().numpy()
+        return mask, logits
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            out = self._predict(batch)
+        except DeviceFault as e:
+            self._restart(batch, e)
+            raise
+        if self.in_ray_actor:
+            counter = _fault_counter(batch)
+            if os.path.exists(counter):  # this batch faulted on an earlier actor and is done now
+                os.remove(counter)
+        return out
+
+    def _restart(self, batch: dict[str, np.ndarray], fault: DeviceFault) -> None:
+        """Exit the actor process so Ray retries the block on a fresh one; returns only when it must not."""
+        if not self.in_ray_actor:
+            return
+        ids = [str(x) for x in batch[schema.ID]]
+        counter = _fault_counter(batch)
+        try:
+            with open(counter) as f:
+                attempts = int(f.read() or 0) + 1
+        except (OSError, ValueError):
+            attempts = 1
+        if attempts >= MAX_FAULT_RESTARTS:
+            log.error(
+                "dcnn: device error on %d fresh actors for the same %d rows (first %s): failing the block: %s",
+                attempts,
+                len(ids),
+                ids[:1],
+                fault,
+            )
+            return
+        with open(counter, "w") as f:
+            f.write(str(attempts))
+        log.error(
+            "dcnn: persistent device error on %s, node %s (%d rows, first %s, attempt %d): %s; exiting this actor "
+            "so Ray restarts it and retries the block",
+            self.device,
+            self.node_id,
+            len(ids),
+            ids[:1],
+            attempts,
+            fault,
+        )
+        _exit_process(1)
+
+    def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[schema.ID])
         status = np.array([str(s) for s in _rows(batch[schema.STATUS], n)], dtype=object)
         error = schema.object_column(_rows(batch[schema.ERROR], n) if schema.ERROR in batch else [None] * n)
@@ -334,9 +644,9 @@ class DeepLabPredictor:
             except ValueError as e:
                 status[i], error[i] = schema.ErrorKind.DCNN, str(e)
 
-        def fail(i: int, exc: Exception) -> None:
-            log.warning("dcnn failed for %s: %s", batch[schema.ID][i], exc)
-            status[i], error[i] = schema.ErrorKind.DCNN, f"{type(exc).__name__}: {exc}"
+        def fail(i: int, message: str) -> None:
+            log.warning("dcnn failed for %s: %s", batch[schema.ID][i], message)
+            status[i], error[i] = schema.ErrorKind.DCNN, message
 
         with torch.inference_mode():
             for size, idx in _groups(
@@ -344,36 +654,38 @@ class DeepLabPredictor:
                 crop_size=self.model.crop_size,
                 min_input_size=self.cfg.min_input_size,
                 batch_size=self.cfg.batch_size,
+                max_batch_pixels=self.max_batch_pixels,
             ):
                 rows = [todo[j] for j in idx]
-                start = time.perf_counter()
-                try:
-                    outs: list[Tensor | None] = list(self._run([images[i] for i in rows], size))
-                except Exception:  # isolate the image that fails, keep the others
-                    outs = []
-                    for i in rows:
-                        try:
-                            outs.append(self._run([images[i]], size)[0])
-                        except Exception as e:
-                            fail(i, e)
-                            outs.append(None)
-                forward_s = (time.perf_counter() - start) / len(rows)
-                for i, out in zip(rows, outs, strict=True):
-                    if out is None:
+                for chunk, outs, message, forward_s in self._forward_rows(rows, images, size):
+                    if outs is None:
+                        for i in chunk:
+                            fail(i, message)
                         continue
-                    t0 = time.perf_counter()
-                    try:
+                    for i, out in zip(chunk, outs, strict=True):
+                        t0 = time.perf_counter()
                         h, w = images[i].shape[:2]
-                        up = upsample_logits(out, h, w, offset=self.model.upsample_offset)
-                        # argmax of the upsampled logits = argmax of the upsampled softmax (monotonic per pixel).
-                        # max(dim=0).indices, not argmax(dim=0): same first-index result, ~3.7x less CPU over the
-                        # channel dim of a (C, H, W) tensor (36 -> 10 ms at 21x375x500 on one thread, timed 2026-11-30).
-                        mask_col[i] = up.max(dim=0).indices.to(torch.uint8).cpu().numpy()
-                        logits_col[i] = out.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().cpu().numpy()
-                    except Exception as e:
-                        fail(i, e)
-                        continue
-                    seconds[i] = forward_s + time.perf_counter() - t0
+                        kind, message = None, None
+                        try:
+                            mask_col[i], logits_col[i] = self._postprocess(out, h, w)
+                        except Exception as e:
+                            kind = "fault" if _is_device_fault(e) else "oom" if _is_oom(e) else "error"
+                            message = f"{type(e).__name__}: {e}"
+                        if kind == "fault":
+                            raise DeviceFault(message)
+                        if (
+                            kind == "oom"
+                        ):  # the full-size upsampling did not fit beside the batch: do it on the CPU
+                            _free_memory(self.device)
+                            try:
+                                mask_col[i], logits_col[i] = self._postprocess(out.cpu(), h, w)
+                                kind = None
+                            except Exception as e:
+                                message = f"{type(e).__name__}: {e}"
+                        if kind is not None:
+                            fail(i, message)
+                            continue
+                        seconds[i] = forward_s + time.perf_counter() - t0  # .cpu() above synchronised
 
         out_batch = dict(batch)
         out_batch[schema.STATUS] = status
@@ -384,3 +696,23 @@ class DeepLabPredictor:
         out_batch["dcnn_s"] = seconds
         out_batch["dcnn_node"] = np.array([self.node_id] * n, dtype=object)
         return schema.clean_text_columns(out_batch)
+
+
+def _fault_counter(batch: dict[str, np.ndarray]) -> str:
+    """Node-local file counting the device faults of this batch (by its image ids) across actor restarts."""
+    digest = hashlib.sha256("\n".join(str(x) for x in batch[schema.ID]).encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"deeplab-dcnn-fault-{digest}")
+
+
+def _set_tf32(allow: bool) -> None:
+    """Process-wide: float32 convolutions and matmuls on CUDA as IEEE float32 (``allow=False``) or TF32."""
+    precision = "tf32" if allow else "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(
+        conv, "fp32_precision"
+    ):  # torch >= 2.9's API; mixing in the old one warns
+        conv.fp32_precision = precision
+        torch.backends.cuda.matmul.fp32_precision = precision
+    else:
+        torch.backends.cudnn.allow_tf32 = allow
+        torch.backends.cuda.matmul.allow_tf32 = allow

@@ -1,22 +1,28 @@
-"""Tests for pipeline/dcnn.py: preprocessing, canonical padding, batch independence, DeepLabPredictor on a batch."""
+"""Tests for pipeline/dcnn.py: preprocessing, canonical padding, batch independence, DeepLabPredictor on a batch,
+and its GPU behaviour with the GPU faked: device choice, pixel budget, out of memory, persistent device errors."""
 
 from __future__ import annotations
 
 import hashlib
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline import schema
+from pipeline import dcnn, schema
 from pipeline.dcnn import (
     DCNNConfig,
     DeepLabPredictor,
+    DeviceFault,
     logits_size,
     padded_size,
     predict_logits,
     predict_probs,
     preprocess,
+    resolve_device,
 )
 from pipeline.model import build_model, upsample_logits
 from pipeline.weights import VOC_CLASSES, save_checkpoint
@@ -211,7 +217,7 @@ def test_predictor_regular_ndarray_column_and_isolated_failure(checkpoint):
     def flaky(x):
         bgr = torch.tensor(poisoned[::-1].astype(np.float32)) - torch.tensor([104.008, 116.669, 122.675])
         if any(torch.allclose(x[i, :, 0, 0], bgr) for i in range(x.shape[0])):
-            raise RuntimeError("CUDA out of memory (simulated)")
+            raise ValueError("bad pixel (simulated)")  # an image error, not a device error
         return real_forward(x)
 
     pred.model.forward = flaky
@@ -245,3 +251,282 @@ def test_config_validation():
     with pytest.raises(ValueError, match="autocast"):
         DCNNConfig(model_uri="m.pt", autocast="int8")
     assert len(VOC_CLASSES) == 21
+    with pytest.raises(ValueError, match="max_batch_pixels must be >= 1 or None, got 0"):
+        DCNNConfig(model_uri="m.pt", max_batch_pixels=0)
+
+
+# --- GPU behaviour, with the GPU faked --------------------------------------------------------------------------
+
+
+def test_device_follows_rays_gpu_assignment(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+
+    def untouchable():
+        raise AssertionError("a CPU-plan actor must not query CUDA")
+
+    # A CPU-plan actor (no GPU ids) on a GPU node: CPU, and the GPUs hidden from this process before any CUDA call.
+    monkeypatch.setattr(dcnn, "_ray_gpu_ids", lambda: [])
+    monkeypatch.setattr(torch.cuda, "is_available", untouchable)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert dcnn.os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    with pytest.raises(ValueError, match="Ray assigned this actor no GPU"):
+        resolve_device("cuda")
+
+    # Given a GPU: CUDA, or a start-up failure that names the cause.
+    monkeypatch.setattr(dcnn, "_ray_gpu_ids", lambda: [3])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(RuntimeError, match=r"Ray assigned GPUs \[3\] .* is a CPU-only build"):
+        resolve_device("auto")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+
+    def no_driver():
+        raise RuntimeError("Found no NVIDIA driver on your system")
+
+    monkeypatch.setattr(torch.cuda, "init", no_driver)
+    with pytest.raises(RuntimeError, match="CUDA 12.8.*sees no CUDA device.*Found no NVIDIA driver"):
+        resolve_device("auto")
+
+    # Outside Ray (driver, tests): auto = what torch sees.
+    monkeypatch.setattr(dcnn, "_ray_gpu_ids", lambda: None)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(RuntimeError, match="dcnn.device is 'cuda'.*Found no NVIDIA driver"):
+        resolve_device("cuda")
+
+
+def test_ray_gpu_ids_is_none_outside_an_actor():
+    assert dcnn._ray_gpu_ids() is None  # no Ray in this process, or a driver: not an actor's assignment
+
+
+def test_gpu_actor_without_cuda_fails_at_start(checkpoint, monkeypatch):
+    monkeypatch.setattr(dcnn, "_ray_gpu_ids", lambda: [0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(RuntimeError, match="CPU-only build"):
+        DeepLabPredictor(DCNNConfig(model_uri=checkpoint))
+
+
+def test_bf16_rejected_on_a_gpu_without_it(checkpoint, monkeypatch):
+    monkeypatch.setattr(dcnn, "resolve_device", lambda requested: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    with pytest.raises(ValueError, match="bf16 but Tesla T4 has no native bfloat16 .*7.5"):
+        DeepLabPredictor(DCNNConfig(model_uri=checkpoint, autocast="bf16"))
+
+
+def test_tf32_off_unless_allowed():
+    conv = torch.backends.cudnn.conv
+    before = (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    try:
+        dcnn._set_tf32(False)
+        assert (conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("ieee", "ieee")
+        dcnn._set_tf32(True)
+        assert conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = before
+
+
+def test_timers_wait_for_cuda(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    dcnn._sync(torch.device("cpu"))
+    assert calls == []
+    dcnn._sync(torch.device("cuda", 0))
+    assert calls == [torch.device("cuda", 0)]
+
+
+def test_warm_up_catches_a_broken_device(checkpoint, monkeypatch):
+    from pipeline.model import DeepLab
+
+    def broken(self, x):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(DeepLab, "forward", broken)
+    with pytest.raises(RuntimeError, match="warm-up forward on cpu failed.*no kernel image"):
+        DeepLabPredictor(DCNNConfig(model_uri=checkpoint))
+
+
+def test_batches_follow_a_pixel_budget():
+    images = [make_image(500, 375, 0)] * 5 + [make_image(3001, 4001, 0)] * 2  # 513x513 and 3001x4001 padded
+    groups = list(
+        dcnn._groups(images, crop_size=513, min_input_size=None, batch_size=4, max_batch_pixels=3 * 513 * 513)
+    )
+    assert [(size, len(idx)) for size, idx in groups] == [
+        ((513, 513), 3),
+        ((513, 513), 2),
+        ((3001, 4001), 1),  # larger than the budget: alone
+        ((3001, 4001), 1),
+    ]
+
+
+def _fake_oom_forward(real_forward, max_pixels: int, calls: list):
+    def forward(x):
+        # Retries must run after the except block: while it is active its traceback pins the failed tensors.
+        assert sys.exc_info() == (None, None, None), "retried inside an except block"
+        calls.append(x.shape[0])
+        if x.shape[0] * x.shape[2] * x.shape[3] > max_pixels:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.70 GiB (simulated)")
+        return real_forward(x)
+
+    return forward
+
+
+def test_out_of_memory_retries_smaller_and_rows_end_ok(checkpoint):
+    pred = DeepLabPredictor(
+        DCNNConfig(model_uri=checkpoint, batch_size=4, max_batch_pixels=None, min_input_size=1)
+    )
+    images = [make_image(33, 33, i) for i in range(4)]
+    expected = predict_probs(pred.model, images, min_input_size=1)
+    calls: list[int] = []
+    pred.model.forward = _fake_oom_forward(pred.model.forward, 1 * 33 * 33, calls)
+    out = pred(batch_of(images, ["ok"] * 4))
+    assert list(out[schema.STATUS]) == ["ok"] * 4
+    assert calls == [4, 2, 1, 1, 2, 1, 1]  # 4 -> 2 + 2 -> 1 + 1 each
+    for row, probs in enumerate(expected):
+        assert (out[schema.RAW_MASK][row] == probs.argmax(axis=0)).mean() > 0.999
+    assert pred.max_batch_pixels == 33 * 33  # the actor keeps the budget that fitted
+    calls.clear()
+    assert list(pred(batch_of(images, ["ok"] * 4))[schema.STATUS]) == ["ok"] * 4
+    assert calls == [1, 1, 1, 1]
+
+    # One image that alone does not fit is that image's error; the others carry on.
+    big = make_image(60, 60, 9)
+    out = pred(batch_of([images[0], big], ["ok", "ok"]))
+    assert list(out[schema.STATUS]) == ["ok", schema.ErrorKind.DCNN]
+    assert out[schema.ERROR][1].startswith("out of memory for one 60x60 image (padded to 65x65) on cpu")
+
+
+def _faulting_forward(message: str):
+    def forward(x):
+        raise RuntimeError(message)
+
+    return forward
+
+
+def test_persistent_device_error_restarts_instead_of_error_rows(checkpoint, monkeypatch, tmp_path):
+    pred = DeepLabPredictor(DCNNConfig(model_uri=checkpoint, min_input_size=1))
+    images = [make_image(24, 24, i) for i in range(2)]
+    pred.model.forward = _faulting_forward("CUDA error: an illegal memory access was encountered")
+    # Outside Ray: raised, no rows.
+    with pytest.raises(DeviceFault, match="illegal memory access"):
+        pred(batch_of(images, ["ok", "ok"]))
+
+    # In a Ray actor: the process exits (Ray restarts the actor and retries the block), bounded per batch.
+    exits: list[int] = []
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        exits.append(code)
+        raise Exited
+
+    monkeypatch.setattr(dcnn, "_exit_process", fake_exit)
+    monkeypatch.setattr(dcnn.tempfile, "gettempdir", lambda: str(tmp_path))
+    pred.in_ray_actor = True
+    batch = batch_of(images, ["ok", "ok"])
+    for _ in range(dcnn.MAX_FAULT_RESTARTS - 1):
+        with pytest.raises(Exited):
+            pred(batch)
+    assert exits == [1] * (dcnn.MAX_FAULT_RESTARTS - 1)
+    with pytest.raises(DeviceFault):  # the same batch on a third fresh actor: a poison input, fail the job
+        pred(batch)
+    assert len(exits) == dcnn.MAX_FAULT_RESTARTS - 1
+
+    # cuDNN failures count too, and so does an error that surfaces at the copy to the host (CUDA is async).
+    pred.model.forward = _faulting_forward("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED")
+    with pytest.raises(Exited):
+        pred(batch_of(images[:1], ["ok"]))
+    del pred.model.forward
+    monkeypatch.setattr(
+        pred,
+        "_postprocess",
+        lambda *a: (_ for _ in ()).throw(torch.AcceleratorError("CUDA error: unspecified launch failure")),
+    )
+    with pytest.raises(Exited):
+        pred(batch_of(images[1:], ["ok"]))
+
+
+def test_nonfinite_fp16_logits_redone_in_fp32(checkpoint):
+    ref = DeepLabPredictor(DCNNConfig(model_uri=checkpoint, min_input_size=1))
+    pred = DeepLabPredictor(DCNNConfig(model_uri=checkpoint, min_input_size=1, autocast="fp16"))
+    images = [make_image(24, 24, i) for i in range(3)]
+    real_forward = pred.model.forward
+    autocast_calls = []
+
+    def overflowing(x):
+        out = real_forward(x)
+        autocast_calls.append(torch.is_autocast_enabled("cpu"))
+        if torch.is_autocast_enabled("cpu"):
+            out = out.clone()
+            out[min(1, out.shape[0] - 1), 0, 0, 0] = float("inf")  # image 1 of the batch overflows
+        return out
+
+    pred.model.forward = overflowing
+    out = pred(batch_of(images, ["ok"] * 3))
+    want = ref(batch_of(images, ["ok"] * 3))
+    assert list(out[schema.STATUS]) == ["ok"] * 3
+    assert autocast_calls == [True, False]  # one fp16 batch, then image 1 alone in float32
+    assert np.isfinite(out[schema.LOGITS][1].astype(np.float32)).all()
+    np.testing.assert_array_equal(out[schema.LOGITS][1], want[schema.LOGITS][1])  # exactly the float32 result
+    assert (out[schema.RAW_MASK][1] == want[schema.RAW_MASK][1]).all()
+
+
+class FaultOncePredictor(DeepLabPredictor):
+    """The first actor to score a batch hits a persistent CUDA error; every later actor works."""
+
+    def __init__(self, cfg: DCNNConfig, marker: str) -> None:
+        self.marker = Path(marker)
+        super().__init__(cfg)
+
+    def _run(self, images, size, *, autocast=None):
+        if not self.marker.exists() and size[0] > 33:  # not in the warm-up
+            import os
+
+            self.marker.write_text(str(os.getpid()))
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
+        return super()._run(images, size, autocast=autocast)
+
+    def __call__(self, batch):
+        import os
+
+        out = super().__call__(batch)
+        out["pid"] = np.full(len(out[schema.ID]), os.getpid())
+        return out
+
+
+def test_device_fault_retries_the_block_on_a_fresh_actor(ray_local, checkpoint, tmp_path):
+    """Real Ray Data: the faulting actor exits, Ray restarts it, the block is retried, every row ends ok once."""
+    from ray import cloudpickle
+    from ray.data import ActorPoolStrategy
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    marker = tmp_path / "faulted"
+    rows = [
+        {schema.ID: f"img{i}", schema.STATUS: "ok", schema.ERROR: None, schema.IMAGE: make_image(40, 40, i)}
+        for i in range(6)
+    ]
+    ds = ray_local.data.from_items(rows, override_num_blocks=2).map_batches(
+        FaultOncePredictor,
+        fn_constructor_kwargs={
+            "cfg": DCNNConfig(model_uri=checkpoint, min_input_size=1),
+            "marker": str(marker),
+        },
+        batch_size=3,
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=1,
+    )
+    t0 = time.monotonic()
+    try:
+        out = ds.take_all()
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert sorted(r[schema.ID] for r in out) == [f"img{i}" for i in range(6)]  # no row lost, none twice
+    assert all(r[schema.STATUS] == "ok" for r in out), [r[schema.ERROR] for r in out]
+    faulted_pid = int(marker.read_text())
+    assert faulted_pid not in {int(r["pid"]) for r in out}  # nothing from the faulted process was kept
+    assert time.monotonic() - t0 < 120

@@ -21,6 +21,10 @@ x20 (biases) the base rate, every other layer x1 / x2; biases get no weight deca
 Data stays in worker memory (each worker takes every ``world``-th shard, or every ``world``-th image when there are
 fewer shards than workers): right for the demo world and fine-tuning sets up to a few GB per worker. Every worker
 runs the same number of iterations per epoch (DDP all-reduces each step), sampling from its own part.
+
+On GPUs (NCCL, one GPU per worker) the loop's own sums (image counts, losses, validation confusion) are reduced on
+the rank's GPU, since NCCL takes no CPU tensors; resumed optimizer state is read onto the CPU
+(``map_location``) and ``load_state_dict`` moves it to each parameter's device.
 """
 
 from __future__ import annotations
@@ -360,14 +364,34 @@ def _torch_bytes(obj: object) -> bytes:
     return buf.getvalue()
 
 
-def _all_reduce_sum(array: np.ndarray) -> np.ndarray:
+def _load_state(data: bytes) -> dict:
+    """Optimizer state saved by ``_write_epoch``, on the CPU whatever device saved it: a CPU-only or another rank's
+    process can read it, and ``Optimizer.load_state_dict`` moves each tensor to its parameter's device."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _collective_device(device: torch.device | None = None) -> torch.device:
+    """Where a collective's tensors must be: the rank's GPU under NCCL (which has no CPU tensors), else the CPU
+    (gloo, or a ``cpu:gloo,cuda:nccl`` group, which sends CPU tensors through gloo)."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend and "cpu:" not in backend:
+        if device is not None and device.type == "cuda":
+            return device
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce_sum(array: np.ndarray, device: torch.device | None = None) -> np.ndarray:
+    """Sum ``array`` over the workers (float64 on the wire, counts exact below 2**53); ``device`` = this rank's."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return array
-    t = torch.from_numpy(array.astype(np.float64))
+    t = torch.from_numpy(array.astype(np.float64)).to(_collective_device(device))
     dist.all_reduce(t)
-    return t.numpy().astype(array.dtype)
+    return t.cpu().numpy().astype(array.dtype)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -407,7 +431,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             expected_num_classes=num_classes,
         )
         model.load_state_dict(loaded.state_dict())
-        state = torch.load(io.BytesIO(storage.read_bytes(latest["state"], storage_cfg)), weights_only=True)
+        state = _load_state(storage.read_bytes(latest["state"], storage_cfg))
         optimizer_state = state["optimizer"]
         start_epoch, iteration = int(latest["epoch"]), int(latest["iteration"])
         history = list(_read_json(storage.join(config.output, "history.json"), storage_cfg) or [])[
@@ -446,7 +470,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     val_uri = config.val_input or config.train_input
     validate = config.val_split is not None or config.val_input is not None
     val_pairs = load_pairs(val_uri, config.val_split, storage_cfg, rank=rank, world=world) if validate else []
-    total_train = int(_all_reduce_sum(np.array([len(train_pairs)], np.int64))[0])
+    total_train = int(_all_reduce_sum(np.array([len(train_pairs)], np.int64), device)[0])
     if not train_pairs:
         raise ValueError(f"worker {rank} of {world} got no training images from {config.train_input}")
     iters_per_epoch = max(1, math.ceil(total_train / (config.batch_size * world)))
@@ -492,9 +516,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 (logits.sum() * 0.0).backward()
                 optimizer.step()
             iteration += 1
-        train_loss = float(_all_reduce_sum(np.array([sum(losses), len(losses)], np.float64))[0]) / max(
-            1.0, float(_all_reduce_sum(np.array([len(losses)], np.float64))[0])
-        )
+        train_loss = float(
+            _all_reduce_sum(np.array([sum(losses), len(losses)], np.float64), device)[0]
+        ) / max(1.0, float(_all_reduce_sum(np.array([len(losses)], np.float64), device)[0]))
         record: dict = {
             "epoch": epoch + 1,
             "iteration": iteration,
@@ -503,7 +527,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "epoch_s": round(time.perf_counter() - t0, 2),
         }
         if validate and ((epoch + 1) % config.val_every_epochs == 0 or epoch + 1 == config.epochs):
-            confusion = _all_reduce_sum(evaluate(model, val_pairs, num_classes))
+            confusion = _all_reduce_sum(evaluate(model, val_pairs, num_classes), device)
             if confusion.sum() > 0:
                 record["val_miou"], record["val_iou"] = miou(confusion)
                 record["val_pixel_acc"] = float(np.trace(confusion) / confusion.sum())

@@ -173,3 +173,58 @@ def test_train_cli_parsing(tmp_path):
     cfg = config_from_args(args)
     assert cfg.val_split is None and cfg.resume is False and cfg.variant == "deeplab-largefov"
     assert train_main(["--train-input", "x", "--output", str(tmp_path), "--epochs", "0"]) == 2
+
+
+def test_sums_are_reduced_where_the_backend_wants_them(monkeypatch):
+    import torch.distributed as dist
+
+    from pipeline import train
+
+    # NCCL reduces device tensors only: the rank's GPU (cuda:1 here), not the CPU tensor it was before.
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    assert train._collective_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    assert train._collective_device(torch.device("cpu")) == torch.device("cuda", 2)
+    for backend in ("gloo", "cpu:gloo,cuda:nccl"):
+        monkeypatch.setattr(dist, "get_backend", lambda group=None, b=backend: b)
+        assert train._collective_device(torch.device("cuda", 1)) == torch.device("cpu")
+    monkeypatch.undo()
+
+    # A real gloo group (one process, world size faked to 2 so the reduce is not skipped): values and dtype.
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+        seen = []
+        real = dist.all_reduce
+        monkeypatch.setattr(
+            dist, "all_reduce", lambda t, *a, **k: (seen.append(t.device), real(t, *a, **k))[1]
+        )
+        out = train._all_reduce_sum(np.array([[3, 1], [0, 2**40]], np.int64))
+        assert out.dtype == np.int64 and out.tolist() == [[3, 1], [0, 2**40]]
+        assert seen == [torch.device("cpu")]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_optimizer_state_loads_onto_the_cpu(monkeypatch):
+    import io
+
+    from pipeline import train
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save({"optimizer": opt.state_dict(), "epoch": 1}, buf)
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
+    state = train._load_state(buf.getvalue())
+    assert calls == [{"map_location": "cpu", "weights_only": True}]  # a GPU-saved state opens on any rank
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(state["optimizer"])
+    torch.testing.assert_close(
+        fresh.state_dict()["state"][0]["momentum_buffer"], opt.state_dict()["state"][0]["momentum_buffer"]
+    )

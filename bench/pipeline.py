@@ -247,7 +247,7 @@ def resolved(cfg, crf_raw):
 
 
 def items_of(cfg) -> list[dict]:
-    from pipeline.read import list_inputs
+    from pipeline.plan import list_inputs
 
     return list_inputs(cfg.read.input_uri, cfg.storage)[1]
 

@@ -23,7 +23,7 @@ from pipeline.storage import StorageConfig
 
 __all__ = ["ConfigError", "PoolConfig", "ReadConfig", "WriteConfig", "JobConfig", "load_job_config"]
 
-INPUT_FORMATS = ("auto", "voc", "images", "shards")
+INPUT_FORMATS = ("auto", "voc", "images", "shards", "manifest")
 
 
 class ConfigError(ValueError):
@@ -32,11 +32,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ReadConfig:
-    input_uri: str  # VOC root, prefix of images, or a shards prefix (local path or s3://)
+    input_uri: str  # VOC root, prefix of images, shards prefix, or manifest file/prefix (local path or s3://)
     labels_uri: str | None = None  # prefix of label PNGs named <image_id>.png (image-prefix inputs)
-    input_format: str = "auto"  # auto | voc | images | shards
+    input_format: str = "auto"  # auto | voc | images | shards | manifest
     split: str | None = None  # VOC only: ImageSets/Segmentation/<split>.txt; None = every image in JPEGImages
-    items_per_block: int = 8  # work items per Ray Data block: small blocks keep the stages streaming
+    # Most work items per Ray Data block (fewer when the job is small, so every actor gets work): per-block costs
+    # (a task or actor call per stage, ~ms each) are paid once per block; a CRF actor refines a block per call.
+    items_per_block: int = 256
 
     def __post_init__(self) -> None:
         if self.input_format not in INPUT_FORMATS:
@@ -48,7 +50,9 @@ class ReadConfig:
 @dataclass(frozen=True)
 class WriteConfig:
     output_uri: str
-    rows_per_file: int = 64  # rows per Parquet part; a part is the unit of commit and resume
+    # Rows per Parquet part (the unit of commit): 10M images make 10k parts. Rows wait for their part as encoded
+    # PNG masks (~5-20 KB each at VOC size), so a part's rows cost the object store ~10-20 MB.
+    rows_per_file: int = 1000
 
     def __post_init__(self) -> None:
         if self.rows_per_file < 1:
@@ -180,7 +184,8 @@ def load_job_config(path: str | None = None, **overrides: Any) -> tuple[JobConfi
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     crf_raw: dict[str, Any] = {}
     evaluate = True
-    for key, value in {**raw, **{k: v for k, v in overrides.items() if v is not None}}.items():
+    given = [*raw.items(), *((k, v) for k, v in overrides.items() if v is not None)]
+    for key, value in given:  # file first, then overrides, each merged key by key into its section
         if key in _SHORTCUTS:
             section, name = _SHORTCUTS[key]
             sections[section][name] = value

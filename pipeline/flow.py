@@ -1,4 +1,4 @@
-"""The whole pipeline in one screen: read -> decode -> DCNN actors -> CRF actors -> encode -> write (-> metrics).
+"""The whole pipeline in one screen: plan -> read -> decode -> DCNN actors -> CRF actors -> encode -> write (-> check).
 
 This is the only module that knows Ray resources (GPUs, CPU slots, actor pools, batch sizes). Every stage below is
 a plain function or callable class that maps a batch dict of named columns to another; rows that failed carry
@@ -7,6 +7,7 @@ a plain function or callable class that maps a batch dict of named columns to an
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy, DataContext
 
@@ -23,16 +25,37 @@ from pipeline import schema as S
 from pipeline.crf import CRFRefiner
 from pipeline.decode import decode_batch
 from pipeline.encode import EncodeConfig, encode_batch, to_table
+from pipeline.plan import PLAN_DIR, UnitResult, detect_format, plan_source, plan_unit, read_split, root_units
 from pipeline.read import fetch_batch
-from pipeline.storage import StorageConfig
-from pipeline.write import summary_batch, write_part
+from pipeline.storage import StorageConfig, delete, delete_tree, filesystem, join, list_files
+from pipeline.write import (
+    MASKS_DIR,
+    IdIndex,
+    PartsSummary,
+    find_missing,
+    index_parts,
+    part_summary,
+    write_part,
+)
 
 if TYPE_CHECKING:  # config and dcnn import torch; encode tasks import this module and need neither
-    from pipeline.config import JobConfig, PoolConfig
+    from pipeline.config import JobConfig, PoolConfig, ReadConfig
 
-__all__ = ["PoolPlan", "plan_pools", "bound_run_ahead", "build_dataset", "execute"]
+__all__ = [
+    "PoolPlan",
+    "plan_pools",
+    "JobPlan",
+    "index_output",
+    "plan_job",
+    "bound_run_ahead",
+    "build_dataset",
+    "execute",
+    "verify_output",
+]
 
 log = logging.getLogger(__name__)
+
+_FILES_PER_TASK = 64  # parts (or plan files) indexed per task: ~64k ids at 1000 rows per part
 
 
 @dataclass(frozen=True)
@@ -81,11 +104,14 @@ def plan_pools(resources: dict[str, float], pools: PoolConfig, *, crf_enabled: b
     )
 
 
-def encode_and_write(
-    batch: dict, encode_cfg: EncodeConfig, output_uri: str, storage_cfg: StorageConfig
-) -> dict:
-    table = to_table(encode_batch(batch, encode_cfg))
-    return summary_batch(table, write_part(table, output_uri, storage_cfg))
+def encode_rows(batch: dict, encode_cfg: EncodeConfig) -> pa.Table:
+    return to_table(
+        encode_batch(batch, encode_cfg)
+    )  # PNG masks + confusion counts: small rows wait for a part
+
+
+def write_rows(table: pa.Table, output_uri: str, storage_cfg: StorageConfig) -> pa.Table:
+    return part_summary(table, write_part(table, output_uri, storage_cfg))  # one row per committed part
 
 
 _RUN_AHEAD_ENV = "RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD"
@@ -117,8 +143,14 @@ def bound_run_ahead() -> None:
     DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD = 0.0
 
 
+def block_rows(num_todo: int, plan: PoolPlan, max_rows: int) -> int:
+    """Rows per block: up to ``max_rows`` (per-block costs amortised), fewer when that would leave actors idle."""
+    workers = max(plan.dcnn_size[1], plan.crf_size[1], 1)
+    return max(1, min(max_rows, math.ceil(num_todo / (4 * workers))))
+
+
 def build_dataset(
-    items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan
+    todo_uri: str, cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan, num_todo: int
 ) -> ray.data.Dataset:
     from pipeline.dcnn import DeepLabPredictor  # not at the top: encode tasks import this module, not torch
 
@@ -126,8 +158,9 @@ def build_dataset(
     ctx.wait_for_min_actors_s = 600  # a cluster that can't place the pools fails instead of hanging
     ctx.execution_no_progress_timeout_s = 900
     bound_run_ahead()
-    num_blocks = max(1, math.ceil(len(items) / cfg.read.items_per_block))
-    ds = ray.data.from_items(items, override_num_blocks=num_blocks)
+    fs, path = filesystem(todo_uri, cfg.storage)
+    ds = ray.data.read_parquet(path, filesystem=fs)  # the plan's work items, listed in Ray tasks (plan.py)
+    ds = ds.repartition(target_num_rows_per_block=block_rows(num_todo, plan, cfg.read.items_per_block))
     ds = ds.map_batches(fetch_batch, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=None)  # bytes per row
     ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg.decode}, batch_size=None)  # RGB uint8 + label
     ds = ds.map_batches(  # logits: float16 (C, h, w) at stride 8, raw_mask: uint8 (H, W)
@@ -141,19 +174,135 @@ def build_dataset(
     if cfg.crf is None:
         ds = ds.drop_columns([S.IMAGE])  # the largest column; no later stage needs it (CRF actors drop it)
     else:
-        ds = ds.map_batches(  # mask: uint8 (H, W), one dense CRF at a time per actor process; drops image, logits
-            CRFRefiner,
-            fn_constructor_kwargs={"cfg": cfg.crf},
-            batch_size=1,
-            compute=ActorPoolStrategy(min_size=plan.crf_size[0], max_size=plan.crf_size[1]),
-            num_cpus=1,
-            resources=plan.crf_resources or None,
+        ds = (
+            ds.map_batches(  # mask: uint8 (H, W); a block per call, one dense CRF at a time per actor process
+                CRFRefiner,
+                fn_constructor_kwargs={"cfg": cfg.crf},
+                batch_size=None,
+                compute=ActorPoolStrategy(min_size=plan.crf_size[0], max_size=plan.crf_size[1]),
+                num_cpus=1,
+                resources=plan.crf_resources or None,
+            )
         )
-    return ds.map_batches(  # PNG masks + confusion counts -> one committed Parquet part per batch
-        encode_and_write,
-        fn_kwargs={"encode_cfg": encode_cfg, "output_uri": cfg.write.output_uri, "storage_cfg": cfg.storage},
+    ds = ds.map_batches(encode_rows, fn_kwargs={"encode_cfg": encode_cfg}, batch_size=None)
+    return ds.map_batches(  # one committed Parquet part per write.rows_per_file rows
+        write_rows,
+        fn_kwargs={"output_uri": cfg.write.output_uri, "storage_cfg": cfg.storage},
         batch_size=cfg.write.rows_per_file,
+        batch_format="pyarrow",
     )
+
+
+# --- planning and the final check: plain 1-CPU Ray tasks; the driver holds O(units) and O(parts), never O(images)
+
+
+@ray.remote
+def _index_task(parts: list[str], storage_cfg: StorageConfig, with_status: bool) -> tuple:
+    hi, lo, summary = index_parts(parts, storage_cfg, with_status=with_status)
+    return (hi, lo), summary
+
+
+@ray.remote
+def _merge_task(*hashes: tuple[np.ndarray, np.ndarray]) -> tuple[IdIndex, int]:
+    empty = np.zeros(0, np.uint64)
+    hi = np.concatenate([h for h, _ in hashes] or [empty])
+    lo = np.concatenate([lo_ for _, lo_ in hashes] or [empty])
+    return IdIndex.from_hashes(hi, lo)
+
+
+def index_files(files: list[str], storage_cfg: StorageConfig, *, with_status: bool = True) -> tuple:
+    """(ObjectRef of an IdIndex over the files' image ids, PartsSummary): built and held in Ray, not here."""
+    groups = [files[i : i + _FILES_PER_TASK] for i in range(0, len(files), _FILES_PER_TASK)]
+    refs = [_index_task.options(num_returns=2).remote(g, storage_cfg, with_status) for g in groups]
+    index_ref, dup_ref = _merge_task.options(num_returns=2).remote(*[r[0] for r in refs])
+    summary = PartsSummary()
+    for part in ray.get([r[1] for r in refs]):
+        summary.rows += part.rows
+        summary.status_counts.update(part.status_counts)
+        summary.unreadable.extend(part.unreadable)
+    summary.duplicates = ray.get(dup_ref)
+    return index_ref, summary
+
+
+def index_output(output_uri: str, storage_cfg: StorageConfig) -> tuple:
+    """Index the committed parts; unreadable ones (torn local files of a killed run) are removed: not done."""
+    parts = list_files(join(output_uri, MASKS_DIR), storage_cfg, (".parquet",))
+    index_ref, summary = index_files(parts, storage_cfg)
+    for uri in summary.unreadable:
+        log.warning("removing unreadable part %s", uri)
+        delete(uri, storage_cfg)
+    return index_ref, summary
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    fmt: str
+    uri: str  # OUTPUT/_plan: todo/ (work items to process) and inputs/ (every input id)
+    inputs: int
+    todo: int
+    labelled: int
+    units: int
+
+    @property
+    def todo_uri(self) -> str:
+        return join(self.uri, "todo")
+
+    @property
+    def inputs_uri(self) -> str:
+        return join(self.uri, "inputs")
+
+
+@ray.remote
+def _plan_task(*args) -> UnitResult:
+    return plan_unit(*args)
+
+
+def plan_job(read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, done_ref) -> JobPlan:
+    """List every input in Ray tasks (breadth first over units) into OUTPUT/_plan/, minus what ``done_ref`` holds."""
+    fmt = read_cfg.input_format
+    if fmt == "auto":
+        fmt = detect_format(read_cfg.input_uri, storage_cfg)
+    source = plan_source(read_cfg.input_uri, fmt, read_cfg.labels_uri, storage_cfg)
+    split_ids = None
+    if read_cfg.split and fmt == "voc":
+        split_ids = frozenset(read_split(read_cfg.input_uri, read_cfg.split, storage_cfg))
+    split_ref = ray.put(split_ids)
+    plan_uri = join(output_uri, PLAN_DIR)
+    delete_tree(plan_uri, storage_cfg)  # the last run's plan; this run lists afresh
+
+    def submit(unit: tuple[str, str]):
+        return _plan_task.remote(source, unit, done_ref, plan_uri, storage_cfg, split_ref)
+
+    pending = [submit(u) for u in root_units(source, storage_cfg)]
+    total, units = UnitResult(), 0
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        result: UnitResult = ray.get(ready[0])
+        units += 1
+        total.inputs += result.inputs
+        total.todo += result.todo
+        total.labelled += result.labelled
+        total.split_matched += result.split_matched
+        pending.extend(submit(u) for u in result.subunits)
+    if split_ids is not None and total.split_matched < len(split_ids):
+        log.warning("%d ids of split %r have no image", len(split_ids) - total.split_matched, read_cfg.split)
+    return JobPlan(fmt, plan_uri, total.inputs, total.todo, total.labelled, units)
+
+
+@ray.remote
+def _missing_task(files: list[str], index: IdIndex, storage_cfg: StorageConfig) -> tuple[int, int, list[str]]:
+    return find_missing(files, index, storage_cfg)
+
+
+def verify_output(job_plan: JobPlan, output_uri: str, storage_cfg: StorageConfig) -> dict:
+    """The final check, in Ray tasks: every input id has a row, and no id is in two parts."""
+    index_ref, summary = index_output(output_uri, storage_cfg)
+    files = list_files(job_plan.inputs_uri, storage_cfg, (".parquet",))
+    groups = [files[i : i + _FILES_PER_TASK] for i in range(0, len(files), _FILES_PER_TASK)]
+    inputs, missing, examples = 0, 0, []
+    for n, m, ex in ray.get([_missing_task.remote(g, index_ref, storage_cfg) for g in groups]):
+        inputs, missing, examples = inputs + n, missing + m, (examples + ex)[:5]
+    return {"inputs": inputs, "missing": missing, "missing_examples": examples, "output": summary}
 
 
 def run_single_process(
@@ -173,9 +322,9 @@ def run_single_process(
         batch = predictor(batch)
         if refiner is not None:
             batch = _concat([refiner(_take(batch, i)) for i in range(len(chunk))])
-        statuses.update(
-            encode_and_write(batch, encode_cfg, cfg.write.output_uri, cfg.storage)[S.STATUS].tolist()
-        )
+        table = encode_rows(batch, encode_cfg)
+        write_part(table, cfg.write.output_uri, cfg.storage)
+        statuses.update(table.column(S.STATUS).to_pylist())
     wall = time.monotonic() - t0
     return {
         "processed": len(items),
@@ -201,18 +350,22 @@ def _concat(batches: list[dict]) -> dict:
 
 
 def execute(ds: ray.data.Dataset, total: int, *, log_every_s: float = 10.0) -> dict:
-    """Stream the dataset to completion; return counts, timings and the nodes each stage ran on."""
+    """Stream the dataset to completion; return counts, timings and the nodes each stage ran on.
+
+    The driver sees one summary row per committed part (write.part_summary), never a row per image.
+    """
     counts: Counter = Counter()
     nodes: dict[str, set] = {c: set() for c in S.NODE_COLUMNS}
     stage_s: Counter = Counter()
-    done, t0, last = 0, time.monotonic(), time.monotonic()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        done += len(batch[S.ID])
-        counts.update(batch[S.STATUS].tolist())
+    done, parts, t0, last = 0, 0, time.monotonic(), time.monotonic()
+    for part in ds.iter_rows():
+        parts += 1
+        done += int(part["rows"])
+        counts.update(json.loads(part["status_counts"]))
         for c in S.NODE_COLUMNS:
-            nodes[c].update(v for v in batch[c].tolist() if v)
+            nodes[c].update(n for n in str(part[c]).split(",") if n)
         for c in S.TIMING_COLUMNS:
-            stage_s[c] += float(np.nansum(batch[c].astype(np.float64)))
+            stage_s[c] += float(part[c])
         if time.monotonic() - last > log_every_s:
             last = time.monotonic()
             rate = done / (last - t0)
@@ -222,6 +375,7 @@ def execute(ds: ray.data.Dataset, total: int, *, log_every_s: float = 10.0) -> d
     wall = time.monotonic() - t0
     return {
         "processed": done,
+        "parts_written": parts,
         "status_counts": dict(counts),
         "wall_s": wall,
         "images_per_s": done / wall if wall > 0 else 0.0,

@@ -1,142 +1,23 @@
-"""Read stage: list the inputs into work items on the driver, then fetch their bytes inside Ray tasks.
+"""Read stage (after plan, before decode): fetch the bytes of the plan's work items inside Ray tasks.
 
-Three input layouts, local or ``s3://``:
-- a VOC root (``JPEGImages/``, optional ``SegmentationClass/`` and ``ImageSets/Segmentation/<split>.txt``);
-- a prefix of images (every object under it is an input), with an optional parallel prefix of label PNGs;
-- the Parquet shards written by ``deeplab shard`` (a ``_manifest.json`` beside them).
-
-Listing yields only URIs (no image bytes), so resuming filters finished images before anything is downloaded.
+A work item is a plan row (``schema.ID``, ``SOURCE``, ``LABEL_SOURCE``, ``SHARD``): a URI for loose objects, or
+``shard_uri#image_id`` for the Parquet shards ``deeplab shard`` writes (rows of one shard are read together).
 Fetching is per row: a missing or unreadable object becomes an error row, never a failed block.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import posixpath
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-from pipeline.storage import StorageConfig, filesystem, is_s3, join, list_files, read_bytes, redact
+from pipeline.storage import StorageConfig, filesystem, read_bytes, redact
 
-__all__ = ["WorkItem", "detect_format", "list_inputs", "fetch_batch", "SHARD"]
+__all__ = ["fetch_batch"]
 
 log = logging.getLogger(__name__)
-
-SHARD = "shard"  # work-item column: shard URI for shard inputs (the row's bytes live inside it), else ""
-WorkItem = dict  # {image_id, source, label_source, shard}
-
-IMAGE_DIR, LABEL_DIR, SETS_DIR = "JPEGImages", "SegmentationClass", "ImageSets/Segmentation"
-
-
-def detect_format(input_uri: str, storage_cfg: StorageConfig) -> str:
-    """voc if the input has JPEGImages/, shards if it has _manifest.json with shards, else images."""
-    from pipeline.storage import exists
-
-    if exists(join(input_uri, "_manifest.json"), storage_cfg):
-        return "shards"
-    if list_files(join(input_uri, IMAGE_DIR), storage_cfg)[:1]:
-        return "voc"
-    return "images"
-
-
-def _strip_ext(rel: str) -> str:
-    root, ext = posixpath.splitext(rel)
-    return root if ext else rel
-
-
-def _relative(uri: str, prefix: str) -> str:
-    prefix = prefix.rstrip("/") + "/"
-    if not is_s3(prefix):
-        from pathlib import Path
-
-        return Path(uri).resolve().relative_to(Path(prefix).expanduser().resolve()).as_posix()
-    return uri[len(prefix) :]
-
-
-def _ids_for(uris: list[str], prefix: str) -> list[str]:
-    """image_id = key relative to the prefix without extension; colliding stems keep their extension."""
-    rels = [_relative(u, prefix) for u in uris]
-    stems = [_strip_ext(r) for r in rels]
-    counts: dict[str, int] = {}
-    for s in stems:
-        counts[s] = counts.get(s, 0) + 1
-    return [s if counts[s] == 1 else r for s, r in zip(stems, rels, strict=True)]
-
-
-def list_inputs(
-    input_uri: str,
-    storage_cfg: StorageConfig,
-    *,
-    input_format: str = "auto",
-    labels_uri: str | None = None,
-    split: str | None = None,
-) -> tuple[str, list[WorkItem]]:
-    """Return (format, items sorted by image_id). Shard inputs yield one item per image (ids from the shards)."""
-    fmt = detect_format(input_uri, storage_cfg) if input_format == "auto" else input_format
-    if fmt == "shards":
-        return fmt, _list_shards(input_uri, storage_cfg)
-    if fmt == "voc":
-        image_root = join(input_uri, IMAGE_DIR)
-        label_root = labels_uri or join(input_uri, LABEL_DIR)
-        uris = list_files(image_root, storage_cfg)
-        if split:
-            wanted = set(_read_split(input_uri, split, storage_cfg))
-            uris = [u for u in uris if _strip_ext(_relative(u, image_root)) in wanted]
-            missing = wanted - {_strip_ext(_relative(u, image_root)) for u in uris}
-            if missing:
-                log.warning("%d ids of split %r have no image under %s", len(missing), split, image_root)
-    else:
-        image_root, label_root = input_uri, labels_uri
-        uris = list_files(image_root, storage_cfg)
-    ids = _ids_for(uris, image_root)
-    label_ids: set[str] = set()
-    if label_root:
-        label_ids = {
-            _strip_ext(_relative(u, label_root)) for u in list_files(label_root, storage_cfg, (".png",))
-        }
-    items = [
-        {
-            S.ID: image_id,
-            S.SOURCE: uri,
-            # Plain concatenation: keys are data ('../x' is a legal S3 key), not paths to normalise.
-            S.LABEL_SOURCE: f"{label_root.rstrip('/')}/{image_id}.png" if image_id in label_ids else None,
-            SHARD: "",
-        }
-        for image_id, uri in zip(ids, uris, strict=True)
-    ]
-    if label_root and not label_ids:
-        log.warning("no label PNGs found under %s: metrics will not be computed", label_root)
-    return fmt, sorted(items, key=lambda it: it[S.ID])
-
-
-def _read_split(voc_root: str, split: str, storage_cfg: StorageConfig) -> list[str]:
-    text = read_bytes(join(voc_root, SETS_DIR, f"{split}.txt"), storage_cfg).decode()
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _list_shards(input_uri: str, storage_cfg: StorageConfig) -> list[WorkItem]:
-    manifest = json.loads(read_bytes(join(input_uri, "_manifest.json"), storage_cfg))
-    items: list[WorkItem] = []
-    for entry in manifest["shards"]:
-        name = entry["path"] if isinstance(entry, dict) else entry
-        shard_uri = name if "://" in name or name.startswith("/") else join(input_uri, name)
-        fs, path = filesystem(shard_uri, storage_cfg)
-        ids = pq.read_table(path, columns=["image_id", "label"], filesystem=fs)
-        has_label = ids.column("label").is_valid().to_pylist()
-        for image_id, labelled in zip(ids.column("image_id").to_pylist(), has_label, strict=True):
-            items.append(
-                {
-                    S.ID: image_id,
-                    S.SOURCE: f"{shard_uri}#{image_id}",
-                    S.LABEL_SOURCE: f"{shard_uri}#{image_id}" if labelled else None,
-                    SHARD: shard_uri,
-                }
-            )
-    return sorted(items, key=lambda it: it[S.ID])
-
 
 def fetch_batch(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> dict[str, np.ndarray]:
     """Work items -> rows with IMAGE_BYTES / LABEL_BYTES, STATUS and ERROR. One bad object = one error row."""
@@ -146,9 +27,9 @@ def fetch_batch(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> dic
     status = [S.OK] * n
     error: list[str | None] = [None] * n
     label_problem: list[str | None] = [None] * n
-    shard_rows = _read_shard_rows({s for s in batch[SHARD] if s}, set(batch[S.ID]), storage_cfg)
+    shard_rows = _read_shard_rows({s for s in batch[S.SHARD] if s}, set(batch[S.ID]), storage_cfg)
     for i in range(n):
-        image_id, source, shard = batch[S.ID][i], batch[S.SOURCE][i], batch[SHARD][i]
+        image_id, source, shard = batch[S.ID][i], batch[S.SOURCE][i], batch[S.SHARD][i]
         label_source = S.text_or_none(batch[S.LABEL_SOURCE][i])
         try:
             if shard:
@@ -199,3 +80,9 @@ def _read_shard_rows(
             if image_id in wanted:
                 rows[(shard, image_id)] = (image, label)
     return rows
+
+
+def list_inputs(*args, **kwargs):  # moved to pipeline.plan; kept until its last caller moves
+    from pipeline.plan import list_inputs as _list_inputs
+
+    return _list_inputs(*args, **kwargs)

@@ -14,6 +14,7 @@ __all__ = [
     "LABEL_SOURCE",
     "STATUS",
     "ERROR",
+    "SHARD",
     "IMAGE_BYTES",
     "LABEL_BYTES",
     "IMAGE",
@@ -45,6 +46,7 @@ SOURCE = "source"  # str, URI of the image
 LABEL_SOURCE = "label_source"  # str | None, URI of the ground-truth PNG
 STATUS = "status"  # "ok" or an ErrorKind value
 ERROR = "error"  # str | None, human-readable reason
+SHARD = "shard"  # str, shard URI for shard inputs (the row's bytes live inside it), else ""
 
 # In-flight columns (never written)
 IMAGE_BYTES = "image_bytes"  # bytes, encoded image as stored

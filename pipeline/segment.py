@@ -17,10 +17,9 @@ from typing import Any
 from pipeline import schema as S
 from pipeline.config import JobConfig, resolve_crf
 from pipeline.encode import EncodeConfig
-from pipeline.read import list_inputs
-from pipeline.storage import StorageError, check_access, read_bytes
+from pipeline.storage import StorageError, check_access, list_files, read_bytes
 from pipeline.weights import checkpoint_digest, load_checkpoint_bytes
-from pipeline.write import MASKS_DIR, load_done, write_manifest
+from pipeline.write import MASKS_DIR, write_manifest
 
 __all__ = ["JobError", "run_segment"]
 
@@ -75,7 +74,15 @@ def init_ray(address: str | None = None) -> None:
 def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:
     import ray
 
-    from pipeline.flow import build_dataset, execute, plan_pools
+    from pipeline.flow import (
+        build_dataset,
+        execute,
+        index_files,
+        index_output,
+        plan_job,
+        plan_pools,
+        verify_output,
+    )
 
     t0 = time.monotonic()
     try:
@@ -86,65 +93,80 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
     meta, digest = load_model_meta(cfg)
     cfg = resolve_crf(cfg, meta["variant"], crf_raw or {})
     cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, num_classes=meta["num_classes"]))
-    fmt, items = list_inputs(
-        cfg.read.input_uri,
-        cfg.storage,
-        input_format=cfg.read.input_format,
-        labels_uri=cfg.read.labels_uri,
-        split=cfg.read.split,
-    )
-    if not items:
-        raise JobError(f"no input images found under {cfg.read.input_uri} (format {fmt}): check --input")
-    done = load_done(cfg.write.output_uri, cfg.storage)
-    input_ids = {it[S.ID] for it in items}
-    todo = [it for it in items if it[S.ID] not in done.ids]
-    log.info(
-        "%d inputs (%s), %d already done, %d to process; model %s (%s), CRF %s",
-        len(items), fmt, len(items) - len(todo), len(todo), meta["variant"], digest[:12],
-        "on" if cfg.crf else "off",
-    )  # fmt: skip
 
     init_ray(address)
+    done_ref, before = index_output(cfg.write.output_uri, cfg.storage)
+    try:
+        job_plan = plan_job(cfg.read, cfg.write.output_uri, cfg.storage, done_ref)
+    except (OSError, ValueError, KeyError) as e:
+        raise JobError(f"cannot list the inputs under {cfg.read.input_uri}: {e}") from e
+    del done_ref
+    if not job_plan.inputs:
+        raise JobError(
+            f"no input images found under {cfg.read.input_uri} (format {job_plan.fmt}): check --input"
+        )
+    if job_plan.fmt in ("manifest", "shards"):  # ids come from the data: make sure they are unique
+        _, inputs = index_files(
+            list_files(job_plan.inputs_uri, cfg.storage, (".parquet",)), cfg.storage, with_status=False
+        )
+        if inputs.duplicates:
+            raise JobError(
+                f"{inputs.duplicates} image ids occur more than once in {cfg.read.input_uri}: "
+                "give every image a unique image_id"
+            )
+    log.info(
+        "%d inputs (%s, %d listing tasks), %d already done, %d to process; model %s (%s), CRF %s",
+        job_plan.inputs, job_plan.fmt, job_plan.units, job_plan.inputs - job_plan.todo, job_plan.todo,
+        meta["variant"], digest[:12], "on" if cfg.crf else "off",
+    )  # fmt: skip
+
     plan = plan_pools(ray.cluster_resources(), cfg.pools, crf_enabled=cfg.crf is not None)
     encode_cfg = EncodeConfig(
         num_classes=meta["num_classes"], model_variant=meta["variant"], model_digest=digest
     )
     run: dict = {
         "processed": 0,
+        "parts_written": 0,
         "status_counts": {},
         "wall_s": 0.0,
         "images_per_s": 0.0,
         "stage_s": {},
         "nodes": {},
     }
-    if todo:
-        run = execute(build_dataset(todo, cfg, encode_cfg, plan), len(todo))
+    if job_plan.todo:
+        run = execute(build_dataset(job_plan.todo_uri, cfg, encode_cfg, plan, job_plan.todo), job_plan.todo)
 
-    after = load_done(cfg.write.output_uri, cfg.storage)
-    missing = sorted(input_ids - after.ids)
-    if after.duplicates or missing:
+    check = verify_output(job_plan, cfg.write.output_uri, cfg.storage)
+    after = check["output"]
+    if after.duplicates or check["missing"]:
         raise JobError(
-            f"output check failed: {len(missing)} inputs without a row (e.g. {missing[:3]}), "
-            f"{len(after.duplicates)} duplicated rows (e.g. {after.duplicates[:3]})"
+            f"output check failed: {check['missing']} inputs without a row (e.g. {check['missing_examples']}), "
+            f"{after.duplicates} ids in more than one row; re-run the same command to complete it"
         )
     manifest = {
         "config": cfg.to_dict(),
-        "input_format": fmt,
+        "input_format": job_plan.fmt,
         "model": {"variant": meta["variant"], "num_classes": meta["num_classes"], "digest": digest},
         "class_names": meta.get("class_names"),
         "counts": {
-            "inputs": len(items),
-            "rows": len(after.ids & input_ids),
-            "done_before": len(items) - len(todo),
+            "inputs": job_plan.inputs,
+            "rows": check["inputs"] - check["missing"],
+            "done_before": job_plan.inputs - job_plan.todo,
             "processed_this_run": run["processed"],
             "status": dict(after.status_counts),
             "errors": sum(v for k, v in after.status_counts.items() if k != S.OK),
         },
-        "run": {**run, "pools": dataclasses.asdict(plan), "total_wall_s": time.monotonic() - t0},
+        "run": {
+            **run,
+            "pools": dataclasses.asdict(plan),
+            "listing_tasks": job_plan.units,
+            "rows_before": before.rows,
+            "total_wall_s": time.monotonic() - t0,
+        },
         "outputs": {"masks": f"{cfg.write.output_uri.rstrip('/')}/{MASKS_DIR}/"},
         "versions": _versions(),
     }
-    if cfg.evaluate and any(it[S.LABEL_SOURCE] for it in items):
+    if cfg.evaluate and job_plan.labelled:
         from pipeline.evaluate import evaluate_output
 
         metrics = evaluate_output(

@@ -29,6 +29,7 @@ __all__ = [
     "list_files",
     "exists",
     "delete",
+    "delete_tree",
     "check_access",
     "redact",
 ]
@@ -241,6 +242,22 @@ def delete(uri: str, cfg: StorageConfig) -> None:
     fs, path = filesystem(uri, cfg)
     if fs.get_file_info(path).type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def delete_tree(prefix: str, cfg: StorageConfig) -> None:
+    """Remove every object under ``prefix`` (a local folder or an S3 prefix); nothing there is fine."""
+    if not is_s3(prefix):
+        import shutil
+
+        shutil.rmtree(Path(prefix).expanduser(), ignore_errors=True)
+        return
+    bucket, key = split_s3(prefix)
+    key = key.rstrip("/") + "/"
+    client = s3_client(cfg)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+        keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
 
 
 def check_access(uri: str, cfg: StorageConfig, *, what: str) -> None:

@@ -1,11 +1,13 @@
-"""Write stage: output rows -> committed Parquet parts under ``OUTPUT/masks/``, resume state, ``_manifest.json``.
+"""Write stage (last in the flow): rows -> committed Parquet parts under ``OUTPUT/masks/``; what is done; manifest.
 
 Exactly-once by construction:
 - a part's name is a digest of the sorted image ids it holds, so a retried task rewrites the same object instead of
   adding a second copy;
 - a part is committed atomically (an S3 PUT appears whole or not at all; locally, temp file + rename), so files from a
   killed run are either whole parts (their images count as done) or invisible temp files (ignored and cleaned);
-- a re-run lists the committed parts, reads only their ``image_id`` column and processes only the missing images.
+- a re-run indexes the committed parts' ``image_id`` columns (:class:`IdIndex`, built in Ray tasks: 16 bytes per
+  finished image in the object store, nothing per image on the driver) and plans only the images the index lacks;
+  after the run the index is rebuilt to check that every input has exactly one row.
 """
 
 from __future__ import annotations
@@ -15,16 +17,30 @@ import io
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
 from pipeline.storage import StorageConfig, delete, filesystem, join, list_files, read_bytes, write_bytes
 
-__all__ = ["MASKS_DIR", "part_name", "write_part", "DoneSet", "load_done", "write_manifest", "read_manifest"]
+__all__ = [
+    "MASKS_DIR",
+    "part_name",
+    "write_part",
+    "part_summary",
+    "IdIndex",
+    "PartsSummary",
+    "read_part_ids",
+    "index_parts",
+    "find_missing",
+    "load_done",
+    "write_manifest",
+    "read_manifest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,59 +68,148 @@ def write_part(table: pa.Table, output_uri: str, storage_cfg: StorageConfig) -> 
     return uri
 
 
-@dataclass
-class DoneSet:
-    """What committed parts already hold."""
+def _hash_ids(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """128-bit blake2b of each id as (hi, lo) uint64 arrays. Collisions: ~1e-23 at 100M ids."""
+    digest = b"".join(hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids)
+    pairs = np.frombuffer(digest, dtype="<u8").reshape(-1, 2)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
 
-    ids: set[str]
-    parts: list[str]
-    duplicates: list[str]  # ids found in more than one part (must stay empty)
-    status_counts: Counter
+
+@dataclass
+class IdIndex:
+    """A sorted set of 128-bit id hashes (16 bytes per id); membership is a vectorised binary search."""
+
+    hi: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    lo: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+
+    @classmethod
+    def from_hashes(cls, hi: np.ndarray, lo: np.ndarray) -> tuple[IdIndex, int]:
+        """Sorted, duplicates dropped; also returns how many duplicates there were."""
+        order = np.lexsort((lo, hi))
+        hi, lo = hi[order], lo[order]
+        dup = np.zeros(len(hi), dtype=bool)
+        if len(hi) > 1:
+            dup[1:] = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])
+        return cls(hi[~dup], lo[~dup]), int(dup.sum())
+
+    @classmethod
+    def from_ids(cls, ids: list[str]) -> tuple[IdIndex, int]:
+        return cls.from_hashes(*_hash_ids(ids))
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.hi)
+
+    def contains(self, ids: list[str]) -> np.ndarray:
+        """bool (len(ids),): which ids are in the index."""
+        if not ids or not len(self):
+            return np.zeros(len(ids), dtype=bool)
+        q_hi, q_lo = _hash_ids(ids)
+        pos = np.searchsorted(self.hi, q_hi, side="left")
+        found = np.zeros(len(ids), dtype=bool)
+        # Equal hi values are contiguous; almost always one element (two ids sharing 64 bits is ~never).
+        for step in range(4):
+            p = pos + step
+            valid = p < len(self.hi)
+            pc_ = np.where(valid, p, 0)
+            same_hi = valid & (self.hi[pc_] == q_hi)
+            found |= same_hi & (self.lo[pc_] == q_lo)
+            if not same_hi.any():
+                break
+        return found
 
 
-def load_done(output_uri: str, storage_cfg: StorageConfig) -> DoneSet:
-    """Read the ``image_id``/``status`` columns of every committed part. Unreadable parts are removed (not done)."""
-    ids: set[str] = set()
-    dups: list[str] = []
-    parts: list[str] = []
-    statuses: Counter = Counter()
-    for uri in list_files(join(output_uri, MASKS_DIR), storage_cfg, (".parquet",)):
-        fs, path = filesystem(uri, storage_cfg)
+def read_part_ids(
+    uri: str, storage_cfg: StorageConfig, columns: tuple[str, ...] = (S.ID, S.STATUS)
+) -> pa.Table | None:
+    """A committed part's ``image_id`` and ``status`` columns, or None if it is unreadable (a torn local file)."""
+    fs, path = filesystem(uri, storage_cfg)
+    columns = list(columns)
+    try:
+        return pq.read_table(path, columns=columns, filesystem=fs)
+    except (OSError, pa.ArrowInvalid):
+        # pyarrow's ranged S3 reads fail without retrying on a throttled small read (a 503 body overflows the
+        # range buffer), so a committed part must not be judged by them: re-read it whole through boto3,
+        # which retries; a storage error that outlasts the retries raises (not OSError) and fails the job.
         try:
-            table = pq.read_table(path, columns=[S.ID, S.STATUS], filesystem=fs)
-        except (OSError, pa.ArrowInvalid):
-            # pyarrow's ranged S3 reads fail without retrying on a throttled small read (a 503 body overflows the
-            # range buffer), so a committed part must not be judged by them: re-read it whole through boto3,
-            # which retries; a storage error that outlasts the retries raises (not OSError) and fails the job.
-            try:
-                table = pq.read_table(io.BytesIO(read_bytes(uri, storage_cfg)), columns=[S.ID, S.STATUS])
-            except (OSError, pa.ArrowInvalid) as e:
-                log.warning("removing unreadable part %s (left by a killed run?): %s", uri, e)
-                delete(uri, storage_cfg)
-                continue
-        parts.append(uri)
-        for image_id, status in zip(
-            table.column(S.ID).to_pylist(), table.column(S.STATUS).to_pylist(), strict=True
-        ):
-            if image_id in ids:
-                dups.append(image_id)
-            ids.add(image_id)
-            statuses[status] += 1
-    return DoneSet(ids=ids, parts=parts, duplicates=dups, status_counts=statuses)
+            return pq.read_table(io.BytesIO(read_bytes(uri, storage_cfg)), columns=columns)
+        except (OSError, pa.ArrowInvalid) as e:
+            log.warning("unreadable part %s (left by a killed run?): %s", uri, e)
+            return None
 
 
-def summary_batch(table: pa.Table, part_uri: str) -> dict[str, np.ndarray]:
-    """The few columns the driver needs to count progress (the masks stay in storage)."""
-    n = table.num_rows
-    return {
-        S.ID: np.array(table.column(S.ID).to_pylist(), dtype=object),
-        S.STATUS: np.array(table.column(S.STATUS).to_pylist(), dtype=object),
-        "part": np.array([part_uri] * n, dtype=object),
-        **{c: table.column(c).to_numpy(zero_copy_only=False) for c in (*S.TIMING_COLUMNS, *S.NODE_COLUMNS)},
+@dataclass
+class PartsSummary:
+    """What a group of committed parts holds (small: counts, a few examples)."""
+
+    rows: int = 0
+    duplicates: int = 0
+    status_counts: Counter = field(default_factory=Counter)
+    unreadable: list[str] = field(default_factory=list)
+
+
+def index_parts(
+    part_uris: list[str], storage_cfg: StorageConfig, *, with_status: bool = True
+) -> tuple[np.ndarray, np.ndarray, PartsSummary]:
+    """Hashes of the ids in some parts (or plan files, ``with_status=False``), duplicates kept, and what they hold."""
+    summary = PartsSummary()
+    his, los = [], []
+    for uri in part_uris:
+        table = read_part_ids(uri, storage_cfg, (S.ID, S.STATUS) if with_status else (S.ID,))
+        if table is None:
+            summary.unreadable.append(uri)
+            continue
+        hi, lo = _hash_ids(table.column(S.ID).to_pylist())
+        his.append(hi)
+        los.append(lo)
+        summary.rows += table.num_rows
+        if with_status:
+            summary.status_counts.update(table.column(S.STATUS).to_pylist())
+    if not his:
+        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), summary
+    return np.concatenate(his), np.concatenate(los), summary
+
+
+def find_missing(
+    input_files: list[str], done: IdIndex, storage_cfg: StorageConfig
+) -> tuple[int, int, list[str]]:
+    """(inputs, inputs without a row, up to 5 such ids) for some ``_plan/inputs`` files against the output index."""
+    total, missing, examples = 0, 0, []
+    for uri in input_files:
+        fs, path = filesystem(uri, storage_cfg)
+        ids = pq.read_table(path, filesystem=fs).column(S.ID).to_pylist()
+        absent = np.flatnonzero(~done.contains(ids))
+        total += len(ids)
+        missing += len(absent)
+        examples.extend(ids[i] for i in absent[: 5 - len(examples)])
+    return total, missing, examples[:5]
+
+
+def part_summary(table: pa.Table, part_uri: str) -> pa.Table:
+    """One row per committed part: what the driver counts progress from (no per-image data leaves the worker)."""
+    statuses = Counter(table.column(S.STATUS).to_pylist())
+    row: dict[str, list] = {
+        "part": [part_uri],
+        "rows": [table.num_rows],
+        "status_counts": [json.dumps(dict(statuses), sort_keys=True)],
     }
+    for c in S.TIMING_COLUMNS:
+        row[c] = [float(pc.sum(table.column(c).cast(pa.float64())).as_py() or 0.0)]
+    for c in S.NODE_COLUMNS:
+        row[c] = [",".join(sorted(v for v in pc.unique(table.column(c).drop_null()).to_pylist() if v))]
+    return pa.table(row)
+
+
+def load_done(output_uri: str, storage_cfg: StorageConfig) -> tuple[IdIndex, PartsSummary]:
+    """The index of every committed part's ids, in this process (small outputs: tests, the reference loop).
+
+    The segment job builds the same index in Ray tasks (``flow.index_output``). Unreadable parts are removed.
+    """
+    parts = list_files(join(output_uri, MASKS_DIR), storage_cfg, (".parquet",))
+    hi, lo, summary = index_parts(parts, storage_cfg)
+    index, summary.duplicates = IdIndex.from_hashes(hi, lo)
+    for uri in summary.unreadable:
+        delete(uri, storage_cfg)
+    return index, summary
 
 
 def write_manifest(output_uri: str, manifest: dict, storage_cfg: StorageConfig) -> str:

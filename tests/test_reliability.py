@@ -36,7 +36,7 @@ from pipeline.encode import EncodeConfig
 from pipeline.flow import run_single_process
 from pipeline.localhead import LocalHead, descendants
 from pipeline.model import build_model
-from pipeline.read import list_inputs
+from pipeline.plan import list_inputs
 from pipeline.scenes import class_names, encode_label_png, write_voc_dataset
 from pipeline.segment import JobError, load_model_meta, run_segment
 from pipeline.services import LocalS3
@@ -250,11 +250,12 @@ def test_load_done_keeps_committed_parts_through_throttled_reads(local_s3, stora
             max_faults=attempts,
             eligible=lambda method, path: method == "GET" and "/masks/part-" in path,
         ) as proxy:
-            done = load_done(
+            done, summary = load_done(
                 f"{bucket}/out", dataclasses.replace(storage_cfg, endpoint_url=proxy.endpoint_url)
             )
             assert proxy.injected[kind] == attempts
-        assert done.ids == {"a", "b"} and not done.duplicates, kind
+        assert len(done) == 2 and done.contains(["a", "b", "c"]).tolist() == [True, True, False], kind
+        assert summary.rows == 2 and not summary.duplicates and not summary.unreadable, kind
         assert len(list_files(join(bucket, "out", "masks"), storage_cfg)) == 1, f"{kind}: a part was deleted"
 
 

@@ -22,7 +22,7 @@ from pipeline.config import load_job_config, resolve_crf
 from pipeline.encode import EncodeConfig
 from pipeline.flow import run_single_process
 from pipeline.model import build_model
-from pipeline.read import list_inputs
+from pipeline.plan import list_inputs
 from pipeline.scenes import class_names, write_voc_dataset
 from pipeline.segment import JobError, load_model_meta, run_segment
 from pipeline.storage import filesystem, join, list_files

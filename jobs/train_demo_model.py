@@ -6,6 +6,7 @@ one CPU worker), copies ``final.pt`` to the assets, and evaluates it on held-out
 training) without and with the dense CRF. Usage::
 
     python -m jobs.train_demo_model [--eval-only] [--epochs N] [--threads 2]
+    python -m jobs.train_demo_model --name-classes   # rewrite only the asset's class names (weights untouched)
 
 Figures and the exact commands are in ``docs/demo-model.md``.
 """
@@ -51,7 +52,7 @@ def _commands(endpoint: str, epochs: int, threads: int) -> list[tuple[str, list[
         (
             "make-scenes",
             ["--output", "s3://demo/voc", "--count", str(COUNT), "--size", SIZE, "--num-classes", str(NUM_CLASSES),
-             "--seed", str(SEED), "--val-fraction", "0.1", "--endpoint-url", endpoint],
+             "--seed", str(SEED), "--val-fraction", "0.1", "--class-names", "shapes", "--endpoint-url", endpoint],
         ),
         ("shard", ["--input", "s3://demo/voc", "--output", "s3://demo/shards/train", "--images-per-shard", "500",
                    "--split", "train", "--endpoint-url", endpoint]),
@@ -98,6 +99,32 @@ def train(epochs: int, threads: int) -> None:
         finally:
             ray.shutdown()
     print(f"wrote {ASSET} ({ASSET.stat().st_size} bytes)")
+
+
+def name_classes(path: Path = ASSET) -> list[str]:
+    """Set the checkpoint's class names to the scene generator's shape names, keeping every tensor as it is.
+
+    The shipped file was trained when ``make-scenes`` wrote ``class_1 .. class_5``; a retrain now gets the shape
+    names from ``dataset.json``. Only ``meta`` changes (the sha256 digest changes with it); the rename is recorded
+    in the provenance.
+    """
+    import io
+
+    import torch
+
+    from pipeline.scenes import scene_class_names
+
+    obj = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
+    meta = dict(obj["meta"])
+    names = scene_class_names(int(meta["num_classes"]))
+    if meta["class_names"] != names:
+        provenance = dict(meta["provenance"])
+        provenance["class_names_renamed_from"] = ",".join(meta["class_names"])
+        meta.update(class_names=names, provenance=provenance)
+        buf = io.BytesIO()
+        torch.save({"state_dict": obj["state_dict"], "meta": meta}, buf)
+        path.write_bytes(buf.getvalue())
+    return names
 
 
 def evaluate(threads: int, count: int = TEST_COUNT, *, quiet: bool = False) -> dict:
@@ -158,10 +185,16 @@ def evaluate(threads: int, count: int = TEST_COUNT, *, quiet: bool = False) -> d
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--eval-only", action="store_true", help="only evaluate the existing asset")
+    p.add_argument(
+        "--name-classes", action="store_true", help="only set the asset's class names to the shape names"
+    )
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.name_classes:
+        print(f"{ASSET}: class names {', '.join(name_classes())}")
+        return 0
     if not args.eval_only:
         train(args.epochs, args.threads)
     evaluate(args.threads)

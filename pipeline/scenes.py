@@ -33,6 +33,7 @@ from pipeline.storage import StorageConfig
 __all__ = [
     "VOID",
     "class_names",
+    "scene_class_names",
     "make_scene",
     "simulate_scores",
     "encode_label_png",
@@ -121,6 +122,19 @@ def _class_style(cls: int, num_classes: int) -> _ClassStyle:
         sat=0.45 + 0.35 * ((k * 0.377) % 1.0),
         val=0.45 + 0.4 * ((k * 0.713 + 0.3) % 1.0),
     )
+
+
+def scene_class_names(num_classes: int) -> list[str]:
+    """Names that say what each class draws: ``background``, then the shape kind of each class (``blob``, ``pole``,
+    ``rect``, ``ring``, ``ellipse``, ``polygon``). From class 7 on the shapes repeat in another colour family and
+    texture, named with the repeat number (``blob_2``, ``pole_2``, ...). A class's name depends only on its index."""
+    class_names(num_classes)  # validates num_classes
+    names = ["background"]
+    for cls in range(1, num_classes):
+        shape = _class_style(cls, num_classes).shape
+        repeat = (cls - 1) // len(_SHAPES) + 1
+        names.append(shape if repeat == 1 else f"{shape}_{repeat}")
+    return names
 
 
 def _texture(kind: str, rng: np.random.Generator, xx: np.ndarray, yy: np.ndarray, size: float) -> np.ndarray:
@@ -403,12 +417,16 @@ def write_voc_dataset(
     val_fraction: float = 0.2,
     storage_cfg: StorageConfig | None = None,
     jpeg_quality: int = 90,
+    shape_names: bool = False,
 ) -> dict:
     """Write ``count`` scenes as a VOC layout under ``output`` (local dir or s3:// prefix). ``size`` is (W, H).
 
     Files: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``, ``ImageSets/Segmentation/{train,val}.txt``,
     and ``dataset.json`` (num_classes, class_names; not VOC, read by ``deeplab shard`` and training).
     Same arguments, same bytes. Returns ``{"train": [ids], "val": [ids], "num_classes", "class_names", ...}``.
+    ``shape_names``: name the classes after what they draw (``scene_class_names``: background, blob, pole, ...)
+    instead of ``schema.class_names`` (VOC's names at 21 classes, else class_1 ...); shards and training take the
+    names from ``dataset.json``, so they end up in the trained checkpoint and in every report.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
@@ -417,7 +435,7 @@ def write_voc_dataset(
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
     width, height = size
-    names = class_names(num_classes)
+    names = scene_class_names(num_classes) if shape_names else class_names(num_classes)
     cfg = storage_cfg or StorageConfig.from_env()
     ids = [f"scene_{i:06d}" for i in range(count)]
     num_val = round(count * val_fraction)
@@ -472,6 +490,13 @@ def make_scenes_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument(
+        "--class-names",
+        choices=("generic", "shapes"),
+        default="generic",
+        help="names in dataset.json: 'shapes' = what each class draws (background, blob, pole, rect, ...); "
+        "'generic' = VOC's names at 21 classes, else class_1 ... (default)",
+    )
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -485,6 +510,7 @@ def make_scenes_main(argv: list[str] | None = None) -> int:
         val_fraction=args.val_fraction,
         storage_cfg=cfg,
         jpeg_quality=args.jpeg_quality,
+        shape_names=args.class_names == "shapes",
     )
     print(
         f"wrote {args.count} scenes ({len(summary['train'])} train, {len(summary['val'])} val) to {args.output}"

@@ -42,6 +42,9 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "load_checkpoint_bytes",
+    "describe_checkpoint",
+    "format_description",
+    "inspect_main",
     "read_caffemodel",
     "caffe_state_dict",
     "import_caffe",
@@ -194,6 +197,67 @@ def _load_state(model: DeepLab, state: dict[str, Tensor], *, what: str) -> None:
                 f"for {model.variant} width {model.width} num_classes {model.num_classes}"
             )
     model.load_state_dict(state, strict=True)
+
+
+def describe_checkpoint(uri: str, *, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """What ``deeplab inspect`` prints: the checkpoint's meta, digest, size and parameter count.
+
+    Loads through ``load_checkpoint`` (``weights_only=True``, every shape checked), so a file this describes is one
+    the segment job accepts.
+    """
+    cfg = _storage(storage_cfg)
+    data = storage.read_bytes(uri, cfg)
+    model, meta = load_checkpoint_bytes(data, source=f"checkpoint {uri}")
+    return {
+        "uri": uri,
+        **meta,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_bytes": len(data),
+    }
+
+
+def format_description(info: dict[str, Any]) -> str:
+    """The few lines ``deeplab inspect`` prints for ``describe_checkpoint``'s dict."""
+    classes = ", ".join(f"{i} {name}" for i, name in enumerate(info["class_names"]))
+    lines = [
+        f"checkpoint    {info['uri']} ({info['num_bytes']:,} bytes, format {info['format_version']})",
+        f"variant       {info['variant']}",
+        f"width         {info['width']:g}",
+        f"classes       {info['num_classes']}: {classes}",
+        f"parameters    {info['num_parameters']:,}",
+        f"sha256        {info['digest']}",
+    ]
+    provenance = info.get("provenance") or {}
+    if not provenance:
+        lines.append("provenance    (none recorded)")
+    for i, (key, value) in enumerate(sorted(provenance.items())):
+        lines.append(f"{'provenance' if i == 0 else '':<14}{key}: {value}")
+    return "\n".join(lines)
+
+
+def inspect_main(argv: list[str] | None = None) -> int:
+    """``deeplab inspect MODEL [--json] [--endpoint-url URL]``."""
+    import argparse
+    import json
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="deeplab inspect",
+        description="Show a checkpoint's variant, classes, provenance, digest and size.",
+    )
+    p.add_argument("model", help="checkpoint (.pt) path or s3:// URI")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
+    args = p.parse_args(argv)
+    try:
+        info = describe_checkpoint(
+            args.model, storage_cfg=StorageConfig.from_env(endpoint_url=args.endpoint_url)
+        )
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"deeplab inspect: error: {storage.redact(str(e))}", file=sys.stderr)
+        return 2
+    print(json.dumps(info, indent=1, sort_keys=True) if args.json else format_description(info))
+    return 0
 
 
 # --- Caffe v1 import --------------------------------------------------------------------------------------------

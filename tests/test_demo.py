@@ -10,6 +10,7 @@ import sys
 import pyarrow.parquet as pq
 
 from pipeline.demo import DEMO_CHECKPOINT
+from pipeline.scenes import scene_class_names
 from pipeline.weights import load_checkpoint
 
 
@@ -18,6 +19,13 @@ def test_shipped_checkpoint_is_small_and_loads():
     model, meta = load_checkpoint(str(DEMO_CHECKPOINT))
     assert meta["variant"] == "deeplab-largefov" and model.num_classes == meta["num_classes"]
     assert meta["provenance"], "the checkpoint must say how it was made"
+    # Classes are named after what the scene generator draws for each index (reports say "pole", not "class_2").
+    assert meta["class_names"] == scene_class_names(meta["num_classes"])
+    assert meta["class_names"] == ["background", "blob", "pole", "rect", "ring", "ellipse"]
+    assert (
+        meta["provenance"]["class_names_renamed_from"] == "background,class_1,class_2,class_3,class_4,class_5"
+    )
+    assert meta["digest"].startswith("91b0205c57ca")  # docs/demo-model.md quotes it
 
 
 def test_shipped_checkpoint_beats_chance_and_crf_beats_raw_on_unseen_scenes():

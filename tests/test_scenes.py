@@ -84,6 +84,28 @@ def test_class_names():
         scenes.class_names(1)
 
 
+def test_scene_class_names_say_what_each_class_draws():
+    assert scenes.scene_class_names(6) == ["background", "blob", "pole", "rect", "ring", "ellipse"]
+    names = scenes.scene_class_names(21)
+    assert len(set(names)) == 21 and names[7] == "blob_2" and names[20] == "pole_4"
+    for cls in range(1, 21):  # the name is the shape the generator draws for that index, at any class count
+        assert names[cls].split("_")[0] == scenes._class_style(cls, 21).shape
+        assert scenes.scene_class_names(cls + 1)[cls] == names[cls]
+    with pytest.raises(ValueError, match="num_classes"):
+        scenes.scene_class_names(1)
+
+
+def test_make_scenes_cli_writes_shape_names_on_request(tmp_path):
+    import json
+
+    assert scenes.make_scenes_main(["--output", str(tmp_path / "s"), "--count", "1", "--size", "32x24",
+                                    "--num-classes", "4", "--class-names", "shapes"]) == 0  # fmt: skip
+    meta = json.loads((tmp_path / "s" / "dataset.json").read_text())
+    assert meta["class_names"] == ["background", "blob", "pole", "rect"]
+    scenes.write_voc_dataset(str(tmp_path / "g"), count=1, size=(32, 24), num_classes=4)
+    assert json.loads((tmp_path / "g" / "dataset.json").read_text())["class_names"][1] == "class_1"
+
+
 def test_write_voc_dataset_layout_and_same_bytes(tmp_path):
     out1, out2 = str(tmp_path / "a"), str(tmp_path / "b")
     s1 = scenes.write_voc_dataset(out1, count=5, size=(64, 48), num_classes=4, seed=9, val_fraction=0.4)

@@ -121,7 +121,7 @@ class IdIndex:
 def read_part_ids(
     uri: str, storage_cfg: StorageConfig, columns: tuple[str, ...] = (S.ID, S.STATUS)
 ) -> pa.Table | None:
-    """A committed part's ``image_id`` and ``status`` columns, or None if it is unreadable (a torn local file)."""
+    """Some columns of a committed part (or plan file), or None if it is unreadable (a torn local file)."""
     fs, path = filesystem(uri, storage_cfg)
     columns = list(columns)
     try:
@@ -175,8 +175,10 @@ def find_missing(
     """(inputs, inputs without a row, up to 5 such ids) for some ``_plan/inputs`` files against the output index."""
     total, missing, examples = 0, 0, []
     for uri in input_files:
-        fs, path = filesystem(uri, storage_cfg)
-        ids = pq.read_table(path, filesystem=fs).column(S.ID).to_pylist()
+        table = read_part_ids(uri, storage_cfg, (S.ID,))
+        if table is None:
+            raise OSError(f"cannot read the plan file {uri}")
+        ids = table.column(S.ID).to_pylist()
         absent = np.flatnonzero(~done.contains(ids))
         total += len(ids)
         missing += len(absent)

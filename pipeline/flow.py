@@ -30,10 +30,10 @@ from pipeline.read import fetch_batch
 from pipeline.storage import StorageConfig, delete, delete_tree, filesystem, join, list_files
 from pipeline.write import (
     MASKS_DIR,
-    IdIndex,
     PartsSummary,
     find_missing,
     index_parts,
+    merge_index,
     part_summary,
     write_part,
 )
@@ -196,27 +196,22 @@ def build_dataset(
 # --- planning and the final check: plain 1-CPU Ray tasks; the driver holds O(units) and O(parts), never O(images)
 
 
-@ray.remote
-def _index_task(parts: list[str], storage_cfg: StorageConfig, with_status: bool) -> tuple:
-    hi, lo, summary = index_parts(parts, storage_cfg, with_status=with_status)
-    return (hi, lo), summary
-
-
-@ray.remote
-def _merge_task(*hashes: tuple[np.ndarray, np.ndarray]) -> tuple[IdIndex, int]:
-    empty = np.zeros(0, np.uint64)
-    hi = np.concatenate([h for h, _ in hashes] or [empty])
-    lo = np.concatenate([lo_ for _, lo_ in hashes] or [empty])
-    return IdIndex.from_hashes(hi, lo)
+# Task bodies are the stage modules' own functions: a worker imports pipeline.plan / pipeline.write, not this module.
+_index_task = ray.remote(index_parts)
+_merge_task = ray.remote(merge_index)
+_plan_task = ray.remote(plan_unit)
+_missing_task = ray.remote(find_missing)
 
 
 def index_files(files: list[str], storage_cfg: StorageConfig, *, with_status: bool = True) -> tuple:
     """(ObjectRef of an IdIndex over the files' image ids, PartsSummary): built and held in Ray, not here."""
     groups = [files[i : i + _FILES_PER_TASK] for i in range(0, len(files), _FILES_PER_TASK)]
-    refs = [_index_task.options(num_returns=2).remote(g, storage_cfg, with_status) for g in groups]
-    index_ref, dup_ref = _merge_task.options(num_returns=2).remote(*[r[0] for r in refs])
+    refs = [
+        _index_task.options(num_returns=3).remote(g, storage_cfg, with_status=with_status) for g in groups
+    ]
+    index_ref, dup_ref = _merge_task.options(num_returns=2).remote(*[h for r in refs for h in r[:2]])
     summary = PartsSummary()
-    for part in ray.get([r[1] for r in refs]):
+    for part in ray.get([r[2] for r in refs]):
         summary.rows += part.rows
         summary.status_counts.update(part.status_counts)
         summary.unreadable.extend(part.unreadable)
@@ -252,11 +247,6 @@ class JobPlan:
         return join(self.uri, "inputs")
 
 
-@ray.remote
-def _plan_task(*args) -> UnitResult:
-    return plan_unit(*args)
-
-
 def plan_job(read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, done_ref) -> JobPlan:
     """List every input in Ray tasks (breadth first over units) into OUTPUT/_plan/, minus what ``done_ref`` holds."""
     fmt = read_cfg.input_format
@@ -287,11 +277,6 @@ def plan_job(read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, 
     if split_ids is not None and total.split_matched < len(split_ids):
         log.warning("%d ids of split %r have no image", len(split_ids) - total.split_matched, read_cfg.split)
     return JobPlan(fmt, plan_uri, total.inputs, total.todo, total.labelled, units)
-
-
-@ray.remote
-def _missing_task(files: list[str], index: IdIndex, storage_cfg: StorageConfig) -> tuple[int, int, list[str]]:
-    return find_missing(files, index, storage_cfg)
 
 
 def verify_output(job_plan: JobPlan, output_uri: str, storage_cfg: StorageConfig) -> dict:

@@ -36,6 +36,7 @@ __all__ = [
     "PartsSummary",
     "read_part_ids",
     "index_parts",
+    "merge_index",
     "find_missing",
     "load_done",
     "write_manifest",
@@ -167,6 +168,14 @@ def index_parts(
     if not his:
         return np.zeros(0, np.uint64), np.zeros(0, np.uint64), summary
     return np.concatenate(his), np.concatenate(los), summary
+
+
+def merge_index(*hashes: np.ndarray) -> tuple[IdIndex, int]:
+    """One index from index_parts' outputs passed as hi_0, lo_0, hi_1, lo_1, ...; also the number of duplicates."""
+    empty = np.zeros(0, np.uint64)
+    hi = np.concatenate([*hashes[0::2], empty])
+    lo = np.concatenate([*hashes[1::2], empty])
+    return IdIndex.from_hashes(hi, lo)
 
 
 def find_missing(

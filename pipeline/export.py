@@ -12,10 +12,12 @@ every row whose status is ``ok``:
 - ``--overlay``: also ``DIR/<image_id>.overlay.jpg``, the input image (from the row's ``source``; a shard input's
   ``shard_uri#image_id`` is read from inside the shard) with every non-background class tinted in its VOC colour.
   The suffix keeps overlays next to their masks and can never collide with a mask (masks end in ``.png``).
+  Overlays need the inputs still reachable (``deeplab demo``'s in-memory S3 is gone after the demo).
 
 Rows whose status is not ``ok`` are not exported; they are listed with their status and error in
 ``DIR/_errors.csv``, together with rows this command could not export (status ``export_error``: mask unreadable,
-image missing, size mismatch). ``DIR/_export.json`` records what was exported (which output, final or raw, format).
+image missing, size mismatch); the command then exits 1. ``DIR/_export.json`` records what was exported (which
+output, final or raw, format).
 
 Resumable: a PNG or overlay already in ``DIR`` is skipped (local files are written by rename and S3 objects appear
 only when complete, so one that exists is whole); delete one and re-run to re-create it. Exporting final masks and
@@ -43,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError, ClientError
 from PIL import Image, ImageOps
 
 from pipeline import storage
@@ -74,6 +77,8 @@ OVERLAY_SUFFIX = ".overlay.jpg"
 RAY_MIN_ROWS = 2000  # below this Ray's start-up costs more than it saves
 _BATCH_ROWS = 64  # rows per Ray batch: mask PNGs are small; overlays fetch one image at a time
 OVERLAY_ALPHA = 0.5
+# What reading or writing one object can raise (missing, unreachable, no credentials, denied): that row's error.
+_STORAGE_ERRORS = (OSError, BotoCoreError, ClientError, pa.ArrowException)
 _VOC_PALETTE = voc_palette()
 _PALETTE_RGB = np.array(_VOC_PALETTE, np.float32).reshape(256, 3)
 
@@ -281,7 +286,7 @@ def export_rows(rows: Iterable[dict], setup: ExportSetup) -> list[dict]:
     if overlay_rows:
         try:
             shard_images = _shard_images(overlay_rows, cfg)
-        except (OSError, pa.ArrowException) as e:  # each row then fails alone below with "not in shard"
+        except _STORAGE_ERRORS as e:  # each row then fails alone below with "not in shard"
             log.warning(
                 "cannot read the shards of %d overlay images: %s", len(overlay_rows), storage.redact(str(e))
             )
@@ -307,7 +312,7 @@ def export_rows(rows: Iterable[dict], setup: ExportSetup) -> list[dict]:
             if overlay_uri is not None:
                 rgb = decode_rgb(_image_bytes(row, shard_images, cfg))
                 storage.write_bytes(overlay_uri, _jpeg(overlay_image(rgb, mask)), cfg)
-        except (OSError, ValueError, Image.DecompressionBombError, pa.ArrowException) as e:
+        except (*_STORAGE_ERRORS, ValueError, Image.DecompressionBombError) as e:
             # Expected data problems (unreadable mask or image, size mismatch, missing object) become error rows.
             msg = storage.redact(f"{type(e).__name__}: {e}")
             log.warning("cannot export %s: %s", image_id, msg)

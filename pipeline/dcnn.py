@@ -6,9 +6,11 @@ the smallest size >= max(image, ``min_input_size``) congruent to the model's cro
 for the pool3 family; 514, 522, ... for vgg128_noup). Images with the same padded size run together; a batch with
 mixed padded sizes is split into sub-batches, so no result depends on what else is in the batch.
 
-Deviation from Caffe: Caffe's test net center-crops images larger than its 513 (514) crop and pads smaller ones.
-A batch system must keep every pixel, so larger images are padded to a bigger canonical size instead. For
-images up to 513 x 513 (514) the network input is exactly Caffe's.
+Deviations from Caffe: Caffe's test net center-crops images larger than its 513 (514) crop and pads smaller ones to
+it. A batch system must keep every pixel, so larger images are padded to a bigger canonical size instead; and by
+default (``min_input_size=1``) smaller images are padded only to the smallest valid size >= the image, not to 513
+(docs/input-size.md: much less DCNN time on small images, no loss of mIoU). With ``min_input_size=None`` the network
+input of an image up to 513 x 513 (514) is exactly Caffe's.
 
 Contract handed to the CRF stage: ``logits`` float16 (C, h, w) at stride 8, already cropped to the rows/columns
 that ``model.upsample_logits(logits, H, W, offset=upsample_offset)`` needs; ``raw_mask`` uint8 (H, W).
@@ -75,7 +77,10 @@ class DCNNConfig:
     # padded to 4001x3001 needs ~5.7 GiB there and the default (8 images at 513x513, ~1 GiB) fits any GPU.
     # An out-of-memory error halves the sub-batch and lowers this actor's budget. None = no pixel bound.
     max_batch_pixels: int | None = 8 * 513 * 513
-    min_input_size: int | None = None  # smallest padded side; None = the model's Caffe crop size (513 / 514)
+    # Smallest padded side. 1 (default) = the smallest valid size >= the image; None = Caffe's test crop (513 / 514):
+    # 12-13x less DCNN time at 160x120, ~70x at 40x30, 1.4x at 500x375, at 96.6-99.2 % mask agreement with Caffe's
+    # padding at VOC size and a higher mIoU on the demo model (bench/input_size.py, docs/input-size.md).
+    min_input_size: int | None = 1
     # Mixed precision on any device; off by default (float32, as the paper). On a CPU with AMX, bf16 + channels_last
     # takes 3.6-4.4x less CPU than float32 for the full-width model at 99.7-99.96 % raw-mask agreement; where bf16
     # is emulated it is slower (bench/dcnn.py, docs/performance.md).

@@ -530,3 +530,43 @@ def test_device_fault_retries_the_block_on_a_fresh_actor(ray_local, checkpoint, 
     faulted_pid = int(marker.read_text())
     assert faulted_pid not in {int(r["pid"]) for r in out}  # nothing from the faulted process was kept
     assert time.monotonic() - t0 < 120
+
+
+def _gpu_check():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_without_cuda_says_so_in_one_line_and_exits_2(capsys):
+    assert not torch.cuda.is_available()  # this machine: the CPU build of torch
+    assert _gpu_check().main([]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check: no usable CUDA device (torch ")
+    assert "CPU-only build" in lines[0]
+
+
+def test_gpu_check_agreement_counts_pixels_and_failed_rows():
+    gpu_check = _gpu_check()
+    mask = np.zeros((4, 5), np.uint8)
+    other = mask.copy()
+    other[0, :2] = 3  # 2 of 20 pixels differ
+    logits = np.zeros((2, 3, 3), np.float16)
+    logits[0, 0, 0] = 10.0
+    shifted = logits.copy()
+    shifted[1, 2, 2] = 0.5
+    ref = {schema.RAW_MASK: [mask, mask], schema.LOGITS: [logits, logits], schema.STATUS: ["ok", "ok"]}
+    out = {
+        schema.RAW_MASK: [other, np.zeros((0, 0), np.uint8)],
+        schema.LOGITS: [shifted, np.zeros((0, 0, 0), np.float16)],
+        schema.STATUS: ["ok", schema.ErrorKind.DCNN],
+    }
+    agree, rel, bad = gpu_check.compare(ref, out)
+    assert agree == pytest.approx(18 / 40)  # a row without a mask counts as all pixels wrong
+    assert rel == pytest.approx(0.05) and bad == 1

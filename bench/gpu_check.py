@@ -10,10 +10,12 @@ any fails, 2 when torch sees no CUDA device (one line says why; nothing else run
    Share of ``raw_mask`` pixels with the CPU's label (bars: float32 99.9 %, fp16 99.5 %, bf16 99 %), and the largest
    stride-8 logit difference relative to the logits' range. bf16 on a GPU without it: the predictor must refuse
    it (checked), the row says so.
-3. **Throughput**: the DCNN stage of the full-width model at 513x513 (500x375 images padded) per batch size and
-   precision: images/s (the whole stage: preprocessing, copy, forward, upsampling, argmax, copy back, with
-   ``torch.cuda.synchronize``) and peak CUDA memory. A batch that runs out of memory is reported as such (the
-   stage itself falls back to smaller sub-batches).
+3. **Throughput**: the DCNN stage of the full-width model at 513x513 (500x375 images padded to Caffe's crop,
+   ``min_input_size=None``) per batch size and precision: images/s (the whole stage: preprocessing, copy,
+   forward, upsampling, argmax, copy back, with ``torch.cuda.synchronize``) and peak CUDA memory. A batch that runs
+   out of memory is reported as such (the stage itself falls back to smaller sub-batches).
+3b. **Out of memory** (CUDA only): more 12-MP photos in one batch than the GPU holds, no pixel budget: every row
+   must end ok through smaller sub-batches.
 4. **CRF CPUs per GPU**: the dense CRF's core-seconds per image on this host's CPU (thread CPU time, the full
    model's fp32 logits) x the best images/s of step 3 = the CRF vCPUs one GPU keeps busy.
 5. **End to end**: ``pipeline.segment.run_segment`` on a local Ray with this GPU (``num_gpus=1``): every row ok,
@@ -218,7 +220,9 @@ def check_throughput(
     for precision in precisions:
         label = "fp32" if precision == "none" else precision
         for b in batch_sizes:
-            pred = predictor(model, device, precision, batch_size=b, max_batch_pixels=b * side * side)
+            pred = predictor(  # min_input_size=None: Caffe's 513 crop, whatever the job's default padding
+                model, device, precision, batch_size=b, max_batch_pixels=b * side * side, min_input_size=None
+            )
             batch = scene_batch(b, num_classes, seed=100)
             if device == "cuda":
                 torch.cuda.synchronize()

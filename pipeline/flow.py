@@ -25,9 +25,18 @@ from pipeline import schema as S
 from pipeline.crf import CRFRefiner
 from pipeline.decode import decode_batch
 from pipeline.encode import EncodeConfig, encode_batch, to_table
-from pipeline.plan import PLAN_DIR, UnitResult, detect_format, plan_source, plan_unit, read_split, root_units
+from pipeline.plan import (
+    PLAN_DIR,
+    UnitResult,
+    detect_format,
+    plan_source,
+    plan_unit,
+    read_plan,
+    read_split,
+    root_units,
+)
 from pipeline.read import fetch_batch
-from pipeline.storage import StorageConfig, delete, delete_tree, filesystem, join, list_files
+from pipeline.storage import StorageConfig, delete, delete_tree, join, list_files
 from pipeline.write import (
     MASKS_DIR,
     PartsSummary,
@@ -158,8 +167,12 @@ def build_dataset(
     ctx.wait_for_min_actors_s = 600  # a cluster that can't place the pools fails instead of hanging
     ctx.execution_no_progress_timeout_s = 900
     bound_run_ahead()
-    fs, path = filesystem(todo_uri, cfg.storage)
-    ds = ray.data.read_parquet(path, filesystem=fs)  # the plan's work items, listed in Ray tasks (plan.py)
+    # The plan's work items (listed in Ray tasks, plan.py): one read task per plan file of up to 100k items. Not
+    # read_parquet: its file listing and footer-reader actor cost 5-15 s before the first row on this machine, and
+    # the plan files are known (O(files) names: 100 per 10M images).
+    files = list_files(todo_uri, cfg.storage, (".parquet",))
+    ds = ray.data.from_items([{"plan_file": f} for f in files], override_num_blocks=len(files))
+    ds = ds.map_batches(read_plan, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=1, batch_format="numpy")
     ds = ds.repartition(target_num_rows_per_block=block_rows(num_todo, plan, cfg.read.items_per_block))
     ds = ds.map_batches(fetch_batch, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=None)  # bytes per row
     ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg.decode}, batch_size=None)  # RGB uint8 + label

@@ -59,6 +59,7 @@ __all__ = [
     "root_units",
     "list_unit",
     "plan_unit",
+    "read_plan",
     "list_inputs",
 ]
 
@@ -149,7 +150,9 @@ def root_units(source: PlanSource, storage_cfg: StorageConfig) -> list[tuple[str
         units = []
         for entry in manifest["shards"]:
             name = entry["path"] if isinstance(entry, dict) else entry
-            units.append(("shard", name if "://" in name or name.startswith("/") else join(source.image_root, name)))
+            units.append(
+                ("shard", name if "://" in name or name.startswith("/") else join(source.image_root, name))
+            )
         return units
     uri = source.image_root
     if uri.lower().endswith(MANIFEST_SUFFIXES) and not _is_dir(uri):
@@ -232,9 +235,7 @@ def _dir_items(
     if source.label_root and ids:
         label_names, _ = _list_level(source.label_root, rel, storage_cfg)
         by_stem = {n[:-4]: n for n in label_names if n.lower().endswith(".png")}
-        labels = [
-            _uri(source.label_root, prefix + by_stem[i]) if i in by_stem else None for i in local_ids
-        ]
+        labels = [_uri(source.label_root, prefix + by_stem[i]) if i in by_stem else None for i in local_ids]
     items = {S.ID: ids, S.SOURCE: uris, S.LABEL_SOURCE: labels, S.SHARD: [""] * len(ids)}
     return items, [prefix + d for d in sorted(subdirs)], matched
 
@@ -385,6 +386,14 @@ def plan_unit(
             result.labelled += sum(1 for v in chunk[S.LABEL_SOURCE] if v)
             k += 1
     return result
+
+
+def read_plan(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> pa.Table:
+    """Ray Data UDF: plan file URIs (column "plan_file") -> their work items (PLAN_SCHEMA)."""
+    tables = []
+    for uri in batch["plan_file"]:
+        tables.append(pq.read_table(io.BytesIO(read_bytes(str(uri), storage_cfg))).cast(PLAN_SCHEMA))
+    return pa.concat_tables(tables) if tables else PLAN_SCHEMA.empty_table()
 
 
 def list_inputs(

@@ -136,6 +136,7 @@ PASSTHROUGH = {
     "train": ("jobs.train", "train_main", "train a DeepLab variant on Ray Train"),
     "submit": ("pipeline.submit", "submit_main", "submit a job to a Ray cluster (Job Submission API)"),
     "jobs": ("pipeline.submit", "jobs_main", "status | logs | stop a submitted job"),
+    "tune-crf": ("pipeline.tune", "tune_main", "cross-validate the CRF parameters on Ray Tune"),
     "export": ("pipeline.export", "export_main", "write an output's masks as VOC PNGs or COCO RLE JSON"),
     "inspect": ("pipeline.weights", "inspect_main", "show a checkpoint's variant, classes, provenance, digest"),
 }

@@ -503,6 +503,11 @@ class _Rounds:
         self.rounds: list[dict] = []
         self._start = 0.0
 
+    def planned_records(self) -> list[dict]:
+        """Records of this plan's trials (a cache may also hold trials of an earlier, different search)."""
+        keys = dict.fromkeys(k for rd in self.rounds for k in rd["keys"])
+        return [self.recorder.records[k] for k in keys if k in self.recorder.records]
+
     def close_round(self) -> None:
         if self.rounds and self.rounds[-1]["wall_s"] is None:
             self.rounds[-1]["wall_s"] = time.monotonic() - self._start
@@ -516,7 +521,7 @@ class _Rounds:
         if r == 0:
             values = self.spec.values
         else:
-            best = _best(list(self.recorder.records.values()))
+            best = _best(self.planned_records())
             if best is None:
                 return None
             values = refined_values(self.rounds[-1]["values"], best["crf"])
@@ -783,15 +788,14 @@ def tune_crf(
 
     recorder = _Recorder(cache_uri, cfg.storage, run_id)
     recorder.load()
-    done_before = len(recorder.records)
     plan = _Rounds(spec, default_params, recorder)
     search_s = run_search(trainable, plan)
     rounds = plan.rounds
 
     records = recorder.records
-    best = _best(list(records.values()))
+    best = _best(plan.planned_records())
     if best is None:
-        errors = sorted({r["error"] for r in records.values() if r.get("error")})
+        errors = sorted({r["error"] for r in plan.planned_records() if r.get("error")})
         raise JobError(f"every trial failed; e.g. {errors[:2]}")
     default_key = trial_key(default_params)
 
@@ -901,7 +905,7 @@ def tune_crf(
             "logits_cache_reused": reused,
             "search_wall_s": search_s,
             "trials_total": len(trials),
-            "trials_done_before": done_before,
+            "trials_done_before": sum(t["run_id"] != run_id for t in trials),
             "trials_run": trials_run,
             "trials_per_s": trials_run / search_s if search_s > 0 else None,
             "evaluate_s": eval_s,

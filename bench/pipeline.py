@@ -148,7 +148,7 @@ def process_kind(pid: int, seen: str | None) -> str:
             kind = "ray::DCNN actor"
         elif "CRFRefiner" in title:
             kind = "ray::CRF actor"
-        elif "encode_and_write" in title:
+        elif "encode_rows" in title or "write_rows" in title:
             kind = "ray::encode+write tasks"
         elif title in ("ray::IDLE", "ray::IDLE_SpillWorker"):
             kind = seen if seen and seen != "ray::IDLE" else "ray::IDLE"
@@ -175,7 +175,7 @@ def start_local_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=max(4, CORES), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=max(5, CORES), include_dashboard=False, log_to_driver=False)
 
 
 def bench_checkpoint(directory: Path, width: float, *, seed: int = 0) -> str:
@@ -261,9 +261,10 @@ def stage_costs(cfg, encode_cfg, items: list[dict], *, batch_size: int = 8) -> d
     from pipeline.crf import CRFRefiner
     from pipeline.dcnn import DeepLabPredictor
     from pipeline.decode import decode_batch
-    from pipeline.flow import _concat, _take, encode_and_write
+    from pipeline.flow import _concat, _take, encode_rows
     from pipeline.read import fetch_batch
     from pipeline.schema import ID, LOGITS
+    from pipeline.write import write_part
 
     t0 = time.monotonic()  # from model load on, as run_single and the Ray job are timed
     threads = torch.get_num_threads()
@@ -290,7 +291,11 @@ def stage_costs(cfg, encode_cfg, items: list[dict], *, batch_size: int = 8) -> d
         batch = timed("dcnn", predictor, batch)
         kept += [labels_kept(lg, cfg.crf.prune_threshold) for lg in batch[LOGITS]]
         batch = timed("crf", lambda b: _concat([refiner(_take(b, i)) for i in range(len(b[ID]))]), batch)
-        timed("encode_write", encode_and_write, batch, encode_cfg, cfg.write.output_uri, cfg.storage)
+        timed(
+            "encode_write",
+            lambda b: write_part(encode_rows(b, encode_cfg), cfg.write.output_uri, cfg.storage),
+            batch,
+        )
     total_wall = time.monotonic() - t0
     torch.set_num_threads(threads)
     n = len(items)

@@ -12,7 +12,15 @@ log = logging.getLogger("deeplab")
 
 
 def _segment_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", help="VOC root, image prefix or shards prefix (local path or s3://)")
+    p.add_argument(
+        "--input",
+        help="VOC root, image prefix, shards prefix or manifest (.parquet/.csv; local path or s3://)",
+    )
+    p.add_argument(
+        "--input-format",
+        choices=["auto", "voc", "images", "shards", "manifest"],
+        help="input layout (default auto; a prefix of manifest files needs 'manifest')",
+    )
     p.add_argument("--labels", help="prefix of label PNGs named <image_id>.png (for an image prefix input)")
     p.add_argument("--output", help="output prefix: masks/, _manifest.json and report/ go under it")
     p.add_argument("--model", help="checkpoint (.pt) path or s3:// URI")
@@ -39,6 +47,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         "model": args.model,
         "variant": args.variant,
         "split": args.split,
+        "input_format": args.input_format,
     }
     if args.endpoint_url:
         overrides["storage"] = {"endpoint_url": args.endpoint_url}
@@ -138,7 +147,11 @@ PASSTHROUGH = {
     "jobs": ("pipeline.submit", "jobs_main", "status | logs | stop a submitted job"),
     "tune-crf": ("pipeline.tune", "tune_main", "cross-validate the CRF parameters on Ray Tune"),
     "export": ("pipeline.export", "export_main", "write an output's masks as VOC PNGs or COCO RLE JSON"),
-    "inspect": ("pipeline.weights", "inspect_main", "show a checkpoint's variant, classes, provenance, digest"),
+    "inspect": (
+        "pipeline.weights",
+        "inspect_main",
+        "show a checkpoint's variant, classes, provenance, digest",
+    ),
 }
 
 

@@ -38,7 +38,7 @@ class ReadConfig:
     split: str | None = None  # VOC only: ImageSets/Segmentation/<split>.txt; None = every image in JPEGImages
     # Most work items per Ray Data block (fewer when the job is small, so every actor gets work): per-block costs
     # (a task or actor call per stage, ~ms each) are paid once per block; a CRF actor refines a block per call.
-    items_per_block: int = 256
+    items_per_block: int = 250  # a divisor of write.rows_per_file, so that parts come out full
 
     def __post_init__(self) -> None:
         if self.input_format not in INPUT_FORMATS:
@@ -70,7 +70,9 @@ class PoolConfig:
     crf_min_actors: int = 1
     crf_max_actors: int | None = None
     crf_resource: str | None = None  # custom resource marking CRF nodes (e.g. "crf"); None = any CPU node
-    task_cpus: float = 1.0  # CPU slots kept free for read/decode/encode/write tasks (deadlock guard)
+    # CPU slots kept free for tasks (deadlock guard): the plan reader (a task that streams a plan file's items and
+    # holds its slot while the stages downstream are busy) and the encode + write tasks need one each.
+    task_cpus: float = 2.0
 
     def __post_init__(self) -> None:
         for name in ("dcnn_min_actors", "crf_min_actors"):

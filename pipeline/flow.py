@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import ray
-from ray.data import ActorPoolStrategy, DataContext
+from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from pipeline import schema as S
 from pipeline.crf import CRFRefiner
@@ -64,6 +64,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_PLAN_READERS = 4  # plan files read at once (~10 ms each: 100k work items/s)
 _FILES_PER_TASK = 64  # parts (or plan files) indexed per task: ~64k ids at 1000 rows per part
 
 
@@ -167,13 +168,23 @@ def build_dataset(
     ctx.wait_for_min_actors_s = 600  # a cluster that can't place the pools fails instead of hanging
     ctx.execution_no_progress_timeout_s = 900
     bound_run_ahead()
-    # The plan's work items (listed in Ray tasks, plan.py): one read task per plan file of up to 100k items. Not
-    # read_parquet: its file listing and footer-reader actor cost 5-15 s before the first row on this machine, and
-    # the plan files are known (O(files) names: 100 per 10M images).
+    # The plan's work items, listed in Ray tasks (plan.py): a todo/ file is read.items_per_block items, one block,
+    # read by a task without a CPU slot (it only reads a small file; a reader that held a slot while the stages
+    # downstream were busy starved the encode + write tasks of theirs). Not read_parquet: its listing and footer
+    # actor cost 5-15 s before the first row here, and the files are known.
     files = list_files(todo_uri, cfg.storage, (".parquet",))
     ds = ray.data.from_items([{"plan_file": f} for f in files], override_num_blocks=len(files))
-    ds = ds.map_batches(read_plan, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=1, batch_format="numpy")
-    ds = ds.repartition(target_num_rows_per_block=block_rows(num_todo, plan, cfg.read.items_per_block))
+    ds = ds.map_batches(  # at most _PLAN_READERS at once: a task without a CPU slot has no other cap
+        read_plan,
+        fn_kwargs={"storage_cfg": cfg.storage},
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=0,
+        compute=TaskPoolStrategy(size=_PLAN_READERS),
+    )
+    rows = block_rows(num_todo, plan, cfg.read.items_per_block)
+    if rows < cfg.read.items_per_block:  # a small job: smaller blocks, so that every actor gets some
+        ds = ds.repartition(target_num_rows_per_block=rows)
     ds = ds.map_batches(fetch_batch, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=None)  # bytes per row
     ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg.decode}, batch_size=None)  # RGB uint8 + label
     ds = ds.map_batches(  # logits: float16 (C, h, w) at stride 8, raw_mask: uint8 (H, W)
@@ -187,18 +198,25 @@ def build_dataset(
     if cfg.crf is None:
         ds = ds.drop_columns([S.IMAGE])  # the largest column; no later stage needs it (CRF actors drop it)
     else:
-        ds = (
-            ds.map_batches(  # mask: uint8 (H, W); a block per call, one dense CRF at a time per actor process
-                CRFRefiner,
-                fn_constructor_kwargs={"cfg": cfg.crf},
-                batch_size=None,
-                compute=ActorPoolStrategy(min_size=plan.crf_size[0], max_size=plan.crf_size[1]),
-                num_cpus=1,
-                resources=plan.crf_resources or None,
-            )
+        ds = ds.map_batches(  # mask: uint8 (H, W); a block per call, one dense CRF at a time per actor process
+            CRFRefiner,
+            fn_constructor_kwargs={"cfg": cfg.crf},
+            batch_size=None,
+            # One block at a time per actor: a block is seconds of CRF work, and a second one queued behind it
+            # would wait there while another actor idles at the end of the job.
+            compute=ActorPoolStrategy(
+                min_size=plan.crf_size[0], max_size=plan.crf_size[1], max_tasks_in_flight_per_actor=1
+            ),
+            num_cpus=1,
+            resources=plan.crf_resources or None,
         )
-    ds = ds.map_batches(encode_rows, fn_kwargs={"encode_cfg": encode_cfg}, batch_size=None)
-    return ds.map_batches(  # one committed Parquet part per write.rows_per_file rows
+    ds = ds.map_batches(
+        encode_rows, fn_kwargs={"encode_cfg": encode_cfg}, batch_size=None
+    )  # PNG masks, counts
+    # One committed part per write.rows_per_file rows: Ray Data bundles blocks up to that many rows and cuts the
+    # bundle into batches of exactly that many, so blocks of a divisor of it (250 of 1000) make full parts. (A
+    # strict repartition makes exact parts whatever the blocks, but it stalled behind bound_run_ahead's brake.)
+    return ds.map_batches(
         write_rows,
         fn_kwargs={"output_uri": cfg.write.output_uri, "storage_cfg": cfg.storage},
         batch_size=cfg.write.rows_per_file,
@@ -274,7 +292,15 @@ def plan_job(read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, 
     delete_tree(plan_uri, storage_cfg)  # the last run's plan; this run lists afresh
 
     def submit(unit: tuple[str, str]):
-        return _plan_task.remote(source, unit, done_ref, plan_uri, storage_cfg, split_ref)
+        return _plan_task.remote(
+            source,
+            unit,
+            done_ref,
+            plan_uri,
+            storage_cfg,
+            split_ref,
+            todo_rows_per_file=read_cfg.items_per_block,
+        )
 
     pending = [submit(u) for u in root_units(source, storage_cfg)]
     total, units = UnitResult(), 0

@@ -24,6 +24,7 @@ import os
 import posixpath
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -71,7 +72,8 @@ log = logging.getLogger(__name__)
 PLAN_DIR = "_plan"
 IMAGE_DIR, LABEL_DIR, SETS_DIR = "JPEGImages", "SegmentationClass", "ImageSets/Segmentation"
 MANIFEST_SUFFIXES = (".parquet", ".csv")
-PLAN_ROWS_PER_FILE = 100_000  # a plan file is read whole by one read task, then re-blocked by the flow
+PLAN_ROWS_PER_FILE = 10_000  # rows per inputs/ file (and per listing batch of a manifest)
+_WRITE_THREADS = 8
 PLAN_SCHEMA = pa.schema(
     [
         pa.field(S.ID, pa.string(), nullable=False),
@@ -365,26 +367,37 @@ def plan_unit(
     plan_uri: str,
     storage_cfg: StorageConfig,
     split_ids: frozenset[str] | None = None,
+    *,
+    todo_rows_per_file: int = 250,
 ) -> UnitResult:
-    """List one unit, drop what ``done`` holds, write its plan files under ``plan_uri``; return counts."""
+    """List one unit, drop what ``done`` holds, write its plan files under ``plan_uri``; return counts.
+
+    ``todo/`` files hold ``todo_rows_per_file`` items (read.items_per_block): each is one block of the job, read by
+    a short task that needs no CPU slot. ``inputs/`` files hold up to PLAN_ROWS_PER_FILE ids for the final check.
+    """
     batches, subunits, matched = list_unit(source, unit, storage_cfg, split_ids)
     result = UnitResult(split_matched=matched, subunits=subunits)
     key = _unit_key(unit)
+    writes: list[tuple[pa.Table, str]] = []
+    pending: list[pa.Table] = []  # todo rows not yet written (fewer than todo_rows_per_file)
     k = 0
     for items in batches:
         for start in range(0, len(items[S.ID]), PLAN_ROWS_PER_FILE):
             chunk = {c: v[start : start + PLAN_ROWS_PER_FILE] for c, v in items.items()}
             ids = chunk[S.ID]
-            finished = done.contains(ids)
-            todo_rows = np.flatnonzero(~finished)
+            todo_rows = np.flatnonzero(~done.contains(ids))
             table = pa.Table.from_pydict(chunk, schema=PLAN_SCHEMA)
-            _write_table(table.select([S.ID]), f"{plan_uri}/inputs/{key}-{k:05d}.parquet", storage_cfg)
-            if len(todo_rows):
-                _write_table(table.take(todo_rows), f"{plan_uri}/todo/{key}-{k:05d}.parquet", storage_cfg)
+            writes.append((table.select([S.ID]), f"{plan_uri}/inputs/{key}-{k:06d}.parquet"))
+            pending.append(table.take(todo_rows))
             result.inputs += len(ids)
             result.todo += len(todo_rows)
             result.labelled += sum(1 for v in chunk[S.LABEL_SOURCE] if v)
             k += 1
+    todo = pa.concat_tables(pending) if pending else PLAN_SCHEMA.empty_table()
+    for n, start in enumerate(range(0, todo.num_rows, todo_rows_per_file)):
+        writes.append((todo.slice(start, todo_rows_per_file), f"{plan_uri}/todo/{key}-{n:06d}.parquet"))
+    with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:  # object PUTs are latency bound
+        list(pool.map(lambda w: _write_table(w[0], w[1], storage_cfg), writes))
     return result
 
 

@@ -19,6 +19,7 @@ __all__ = ["fetch_batch"]
 
 log = logging.getLogger(__name__)
 
+
 def fetch_batch(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> dict[str, np.ndarray]:
     """Work items -> rows with IMAGE_BYTES / LABEL_BYTES, STATUS and ERROR. One bad object = one error row."""
     n = len(batch[S.ID])
@@ -80,9 +81,3 @@ def _read_shard_rows(
             if image_id in wanted:
                 rows[(shard, image_id)] = (image, label)
     return rows
-
-
-def list_inputs(*args, **kwargs):  # moved to pipeline.plan; kept until its last caller moves
-    from pipeline.plan import list_inputs as _list_inputs
-
-    return _list_inputs(*args, **kwargs)

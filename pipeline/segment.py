@@ -52,10 +52,11 @@ def load_model_meta(cfg: JobConfig) -> tuple[dict, str]:
 
 
 def init_ray(address: str | None = None) -> None:
-    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with at least 4 logical CPU slots.
+    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with at least 5 logical CPU slots.
 
-    Locally the slots are oversubscribed on purpose: a DCNN actor, a CRF actor and the I/O tasks each need a slot,
-    and on a 2-core machine 2 slots would deadlock the pools (ray-project/ray#44687) while the work itself fits.
+    Locally the slots are oversubscribed on purpose: a DCNN actor, two CRF actors, the plan reader and the encode +
+    write tasks each need a slot, and on a 2-core machine 2 slots would deadlock the pools (ray-project/ray#44687)
+    while the work itself fits (the reader and the writer are mostly idle).
     """
     import ray
     from ray.data import DataContext
@@ -68,7 +69,7 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(5, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
 
 
 def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:

@@ -3,7 +3,7 @@
 DeepLab v1 fixes the Gaussian kernel (pos_w = pos_xy_std = 3) and cross-validates the bilateral kernel per model on
 100 val images, coarse then fine (reference section 3). Here:
 
-1. **Logits once.** The first N labelled inputs (image_id order, ``read.list_inputs``) go through the segment job's
+1. **Logits once.** The first N labelled inputs (image_id order, ``plan.list_inputs``) go through the segment job's
    own read, decode and DCNN stages (``fetch_batch``, ``decode_batch``, ``DeepLabPredictor``) in one Ray task.
    Their stride-8 float16 logits, image, label and raw mask are cached as Parquet under
    ``OUT/cache/<key>/logits.parquet`` (the key digests the model, the image ids and the DCNN/decode settings) and
@@ -704,7 +704,7 @@ def tune_crf(
         logging.getLogger("ray.tune").setLevel(logging.ERROR)
 
     from pipeline.config import resolve_crf
-    from pipeline.read import list_inputs
+    from pipeline.plan import list_inputs
     from pipeline.segment import JobError, load_model_meta
 
     t0 = time.monotonic()

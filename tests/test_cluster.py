@@ -78,7 +78,8 @@ def _job(input_uri: str, output_uri: str, model: str, storage_cfg, **pools):
         output=output_uri,
         model=model,
         storage={"endpoint_url": storage_cfg.endpoint_url, "max_attempts": 3},
-        dcnn={"batch_size": 1, "min_input_size": 97},
+        # Logical GPUs on a CPU-only torch: "auto" would (rightly) refuse the GPU it cannot use; "cpu" runs there.
+        dcnn={"batch_size": 1, "min_input_size": 97, "device": "cpu"},
         read={"items_per_block": 2},
         write={"rows_per_file": 2},
         pools=pools,
@@ -177,14 +178,22 @@ def test_dcnn_on_gpu_node_and_crf_on_crf_nodes(monkeypatch, local_s3, storage_cf
     with _cluster(monkeypatch, crf_nodes=1) as (cluster, gpu, (crf,)):
 
         @ray.remote(num_gpus=1, num_cpus=0)
-        def probe() -> tuple[str, str | None, str]:
+        class Probe:
             # A logical GPU on a machine without CUDA: Ray sets CUDA_VISIBLE_DEVICES, torch still sees no device.
-            predictor = DeepLabPredictor(DCNNConfig(model_uri=checkpoint))
-            node = ray.get_runtime_context().get_node_id()
-            return str(predictor.device), os.environ.get("CUDA_VISIBLE_DEVICES"), node
+            def run(self, device: str) -> tuple[str, str | None, str]:
+                try:
+                    predictor = DeepLabPredictor(DCNNConfig(model_uri=checkpoint, device=device))
+                except RuntimeError as e:
+                    return f"error: {e}", None, ""
+                node = ray.get_runtime_context().get_node_id()
+                return str(predictor.device), os.environ.get("CUDA_VISIBLE_DEVICES"), node
 
-        device, visible, node = ray.get(probe.remote(), timeout=120)
+        probe = Probe.remote()
+        device, _, _ = ray.get(probe.run.remote("auto"), timeout=120)
+        assert "Ray assigned GPUs" in device and "CPU-only build" in device, device
+        device, visible, node = ray.get(probe.run.remote("cpu"), timeout=120)
         assert (device, visible, node) == ("cpu", "0", gpu.node_id)
+        ray.kill(probe)
 
         cfg, crf_raw = _job(f"{bucket}/voc", f"{bucket}/out", checkpoint, storage_cfg, crf_resource="crf")
         manifest = run_segment(cfg, crf_raw)

@@ -268,7 +268,7 @@ def test_cached_logits_equal_the_segment_jobs(tuned, segmented, storage_cfg, ray
     # same batches gives the cached float16 logits bit for bit. In another grouping (one image per batch, reverse
     # order) oneDNN picks other kernels: float32 sums differ by ~1e-6, which moves a few float16 roundings (measured:
     # 2 of 520 values, 7.6e-6 and 4.8e-7 apart); the masks stay equal.
-    from pipeline.read import list_inputs
+    from pipeline.plan import list_inputs
 
     cfg = segmented["cfg"]
     _, items = list_inputs(tuned["voc"], storage_cfg)

@@ -29,6 +29,9 @@ bench: setup
 	$(BIN)/python bench/cores.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/plan.py
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/input_size.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -36,22 +36,11 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from pipeline.config import load_job_config
+    from pipeline.config import load_job_config_from_args
     from pipeline.segment import run_segment
     from pipeline.summary import print_summary
 
-    overrides = {
-        "input": args.input,
-        "labels": args.labels,
-        "output": args.output,
-        "model": args.model,
-        "variant": args.variant,
-        "split": args.split,
-        "input_format": args.input_format,
-    }
-    if args.endpoint_url:
-        overrides["storage"] = {"endpoint_url": args.endpoint_url}
-    cfg, crf_raw = load_job_config(args.config, **overrides)
+    cfg, crf_raw = load_job_config_from_args(args)
     if args.no_crf:
         crf_raw = {"enabled": False}
     if args.no_evaluate:

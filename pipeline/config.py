@@ -21,7 +21,16 @@ from pipeline.decode import DecodeConfig
 from pipeline.model import VARIANTS
 from pipeline.storage import StorageConfig
 
-__all__ = ["ConfigError", "PoolConfig", "ReadConfig", "WriteConfig", "JobConfig", "load_job_config"]
+__all__ = [
+    "ConfigError",
+    "PoolConfig",
+    "ReadConfig",
+    "WriteConfig",
+    "JobConfig",
+    "load_job_config",
+    "load_job_config_from_args",
+    "resolve_crf",
+]
 
 INPUT_FORMATS = ("auto", "voc", "images", "shards", "manifest")
 
@@ -217,6 +226,17 @@ def load_job_config(path: str | None = None, **overrides: Any) -> tuple[JobConfi
     built = {name: _coerce(cls, name, sections[name]) for name, cls in _SECTIONS.items()}
     cfg = JobConfig(crf=None, evaluate=evaluate, **built)
     return cfg, crf_raw
+
+
+def load_job_config_from_args(args: Any) -> tuple[JobConfig, dict[str, Any]]:
+    """load_job_config from the command line's common flags (``--config``, ``--input``, ... ``--endpoint-url``)."""
+    overrides: dict[str, Any] = {
+        key: getattr(args, key, None)
+        for key in ("input", "labels", "output", "model", "variant", "split", "input_format")
+    }
+    if getattr(args, "endpoint_url", None):
+        overrides["storage"] = {"endpoint_url": args.endpoint_url}
+    return load_job_config(args.config, **overrides)
 
 
 def resolve_crf(cfg: JobConfig, variant: str, crf_raw: dict[str, Any]) -> JobConfig:

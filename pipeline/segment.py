@@ -51,7 +51,7 @@ def load_model_meta(cfg: JobConfig) -> tuple[dict, str]:
     return meta, checkpoint_digest(data)
 
 
-def init_ray(address: str | None = None) -> None:
+def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> None:
     """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with at least 5 logical CPU slots.
 
     Locally the slots are oversubscribed on purpose: a DCNN actor, two CRF actors, the plan reader and the encode +
@@ -69,7 +69,8 @@ def init_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=max(5, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+        num_cpus = local_cpus or max(5, os.cpu_count() or 1)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:

@@ -659,19 +659,6 @@ class TuneResult:
     outputs: dict[str, str]
 
 
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        # One CRF process per core: trials are CPU-bound (pydensecrf holds its process), so no oversubscription.
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
-
-
 def _dcnn_fragment(dcnn_cfg: Any) -> dict:
     """The DCNN settings that differ from the defaults (the model itself excluded): they shape the logits."""
     from pipeline.dcnn import DCNNConfig
@@ -705,7 +692,7 @@ def tune_crf(
 
     from pipeline.config import resolve_crf
     from pipeline.plan import list_inputs
-    from pipeline.segment import JobError, load_model_meta
+    from pipeline.segment import JobError, init_ray, load_model_meta
 
     t0 = time.monotonic()
     run_id = uuid.uuid4().hex[:12]
@@ -758,7 +745,8 @@ def tune_crf(
         len(chosen), len(labelled), fmt, meta["variant"], digest[:12], num_classes, cache_uri,
     )  # fmt: skip
 
-    _init_ray(address)
+    # One CRF process per core: trials are CPU-bound (pydensecrf holds its process), so no oversubscription.
+    init_ray(address, local_cpus=os.cpu_count() or 1)
     resources = ray.cluster_resources()
     dcnn_start = time.monotonic()
     reused = storage.exists(logits_uri, cfg.storage)
@@ -1167,20 +1155,9 @@ def tune_main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
     args = p.parse_args(argv)
 
-    from pipeline.config import load_job_config
+    from pipeline.config import load_job_config_from_args
 
-    overrides: dict[str, Any] = {
-        "input": args.input,
-        "labels": args.labels,
-        "output": args.output,
-        "model": args.model,
-        "variant": args.variant,
-        "split": args.split,
-        "input_format": args.input_format,
-    }
-    if args.endpoint_url:
-        overrides["storage"] = {"endpoint_url": args.endpoint_url}
-    cfg, crf_raw = load_job_config(args.config, **overrides)
+    cfg, crf_raw = load_job_config_from_args(args)
     if args.images < 1:
         raise _config_error(f"--images must be >= 1, got {args.images}")
     result = tune_crf(cfg, crf_raw, num_images=args.images, search_path=args.search, address=args.address)

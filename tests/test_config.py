@@ -41,14 +41,14 @@ def test_an_override_merges_key_by_key(tmp_path, section):
 def test_cli_endpoint_flag_keeps_the_files_storage_keys(tmp_path):
     """The reported case: --endpoint-url with --config dropped storage.max_attempts."""
     from pipeline.cli import build_parser
+    from pipeline.config import load_job_config_from_args
 
     path = tmp_path / "job.yaml"
     path.write_text("input: in\noutput: out\nmodel: m.pt\nstorage: {max_attempts: 2, region: eu-west-1}\n")
     args = build_parser().parse_args(
         ["segment", "--config", str(path), "--endpoint-url", "http://127.0.0.1:9"]
     )
-    overrides = {"storage": {"endpoint_url": args.endpoint_url}}
-    cfg, _ = load_job_config(args.config, **overrides)
+    cfg, _ = load_job_config_from_args(args)
     assert (cfg.storage.endpoint_url, cfg.storage.max_attempts, cfg.storage.region) == (
         "http://127.0.0.1:9",
         2,

@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/plan.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/cluster.py
 	$(BIN)/python bench/input_size.py
 
 clean:

@@ -35,13 +35,15 @@ def _cpu_self() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_job(scenes: str, output: str, model: str, dcnn: dict) -> dict:
+def run_job(scenes: str, output: str, model: str, dcnn: dict, *, pools: dict | None = None) -> dict:
     """run_segment on the local Ray; CPU of every process, and of the driver inside flow.execute."""
     import pipeline.flow as flow
     from pipeline.config import load_job_config
     from pipeline.segment import run_segment
 
-    cfg, crf_raw = load_job_config(input=scenes, output=output, model=model, evaluate=False, dcnn=dcnn)
+    cfg, crf_raw = load_job_config(
+        input=scenes, output=output, model=model, evaluate=False, dcnn=dcnn, pools=pools or {}
+    )
     streaming: dict[str, float] = {}
     execute = flow.execute
 

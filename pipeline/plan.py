@@ -196,7 +196,7 @@ def _list_level(prefix: str, rel: str, storage_cfg: StorageConfig) -> tuple[list
         for entry in it:
             if not _listable(entry.name):
                 continue
-            if entry.is_dir():
+            if entry.is_dir(follow_symlinks=False):  # a linked folder is not descended (no loops)
                 dirs.append(entry.name)
             elif entry.is_file():
                 files.append(entry.name)

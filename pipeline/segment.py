@@ -100,8 +100,9 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
     done_ref, before = index_output(cfg.write.output_uri, cfg.storage)
     try:
         job_plan = plan_job(cfg.read, cfg.write.output_uri, cfg.storage, done_ref)
-    except (OSError, ValueError, KeyError) as e:
-        raise JobError(f"cannot list the inputs under {cfg.read.input_uri}: {e}") from e
+    except (OSError, ValueError, KeyError) as e:  # raised in a listing task: name its cause, not Ray's traceback
+        cause = getattr(e, "cause", None) or e
+        raise JobError(f"cannot list the inputs under {cfg.read.input_uri}: {cause}") from e
     del done_ref
     if not job_plan.inputs:
         raise JobError(

@@ -10,11 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schema as S
-from pipeline.config import ReadConfig
+from pipeline.config import ReadConfig, load_job_config
 from pipeline.flow import plan_job
 from pipeline.plan import PlanSource, list_inputs, list_unit, plan_unit
+from pipeline.segment import JobError, run_segment
 from pipeline.storage import StorageConfig, join, list_files, s3_client, write_bytes
 from pipeline.write import IdIndex
+from tests.test_segment import tiny_checkpoint
 
 LOCAL = StorageConfig()
 
@@ -131,3 +133,32 @@ def test_plan_job_in_ray_tasks_over_s3_prefixes_voc_split_and_shards(ray_local, 
     rows = _plan_rows(job.uri, "todo", storage_cfg)
     assert job.fmt == "shards" and [r[S.SHARD] for r in rows] == [f"{bucket}/shards/shard-00000.parquet"] * 2
     assert [r[S.LABEL_SOURCE] is not None for r in rows] == [True, False]
+
+
+def test_a_bad_manifest_fails_the_job_in_one_line(ray_local, tmp_path):
+    """A manifest without an image column: the job stops before any work, naming the file and the columns."""
+    pq.write_table(pa.table({"path": ["a.jpg"]}), tmp_path / "list.parquet")
+    cfg, crf_raw = load_job_config(
+        input=str(tmp_path / "list.parquet"),
+        output=str(tmp_path / "out"),
+        model=tiny_checkpoint(tmp_path, 3),
+        evaluate=False,
+    )
+    with pytest.raises(JobError) as err:
+        run_segment(cfg, crf_raw)
+    message = str(err.value)
+    assert "no image URI column: expected one of" in message and "list.parquet" in message
+    assert len(message.splitlines()) == 1, message
+    assert not (tmp_path / "out" / "masks").exists()
+
+
+def test_duplicate_manifest_ids_fail_before_any_work(ray_local, tmp_path):
+    pq.write_table(
+        pa.table({"image_uri": ["/x/a.jpg", "/y/a.jpg"], "image_id": ["a", "a"]}), tmp_path / "m.parquet"
+    )
+    cfg, crf_raw = load_job_config(
+        input=str(tmp_path / "m.parquet"), output=str(tmp_path / "out"), model=tiny_checkpoint(tmp_path, 3)
+    )
+    with pytest.raises(JobError, match="1 image ids occur more than once"):
+        run_segment(cfg, crf_raw)
+    assert not (tmp_path / "out" / "masks").exists()

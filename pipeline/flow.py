@@ -305,14 +305,17 @@ def plan_job(read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, 
     pending = [submit(u) for u in root_units(source, storage_cfg)]
     total, units = UnitResult(), 0
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        result: UnitResult = ray.get(ready[0])
-        units += 1
-        total.inputs += result.inputs
-        total.todo += result.todo
-        total.labelled += result.labelled
-        total.split_matched += result.split_matched
-        pending.extend(submit(u) for u in result.subunits)
+        # Many results per wait: one wait per result would cost O(units) each with 10k shards in flight.
+        ready, pending = ray.wait(pending, num_returns=min(len(pending), 256), timeout=0.5)
+        if not ready:
+            ready, pending = ray.wait(pending, num_returns=1)
+        for result in ray.get(ready):
+            units += 1
+            total.inputs += result.inputs
+            total.todo += result.todo
+            total.labelled += result.labelled
+            total.split_matched += result.split_matched
+            pending.extend(submit(u) for u in result.subunits)
     if split_ids is not None and total.split_matched < len(split_ids):
         log.warning("%d ids of split %r have no image", len(split_ids) - total.split_matched, read_cfg.split)
     return JobPlan(fmt, plan_uri, total.inputs, total.todo, total.labelled, units)

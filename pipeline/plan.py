@@ -23,7 +23,7 @@ import logging
 import os
 import posixpath
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -323,8 +323,8 @@ def list_unit(
     unit: tuple[str, str],
     storage_cfg: StorageConfig,
     split_ids: frozenset[str] | None = None,
-) -> tuple[list[dict[str, list]], list[tuple[str, str]], int]:
-    """One unit's work items (as column batches), the units it leads to, and the split ids it matched."""
+) -> tuple[Iterable[dict[str, list]], list[tuple[str, str]], int]:
+    """One unit's work items (column batches, possibly a stream), the units it leads to, the split ids it matched."""
     kind, value = unit
     if kind == "dir":
         items, subdirs, matched = _dir_items(source, value, split_ids, storage_cfg)
@@ -332,7 +332,7 @@ def list_unit(
     if kind == "shard":
         return [_shard_items(value, storage_cfg)], [], 0
     if kind == "manifest":
-        return list(_manifest_items(value, storage_cfg)), [], 0
+        return _manifest_items(value, storage_cfg), [], 0  # streamed: a manifest file may hold millions
     raise ValueError(f"unknown plan unit {unit!r}")
 
 
@@ -378,27 +378,43 @@ def plan_unit(
     batches, subunits, matched = list_unit(source, unit, storage_cfg, split_ids)
     result = UnitResult(split_matched=matched, subunits=subunits)
     key = _unit_key(unit)
-    writes: list[tuple[pa.Table, str]] = []
-    pending: list[pa.Table] = []  # todo rows not yet written (fewer than todo_rows_per_file)
-    k = 0
-    for items in batches:
-        for start in range(0, len(items[S.ID]), PLAN_ROWS_PER_FILE):
-            chunk = {c: v[start : start + PLAN_ROWS_PER_FILE] for c, v in items.items()}
+    pending = PLAN_SCHEMA.empty_table()  # todo rows not yet written (fewer than todo_rows_per_file)
+    in_flight: list = []
+    num_todo_files = 0
+    # Written as they are listed, a bounded number of PUTs in flight: a 10M-row manifest streams through.
+    with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
+
+        def write(table: pa.Table, name: str) -> None:
+            in_flight.append(pool.submit(_write_table, table, f"{plan_uri}/{name}", storage_cfg))
+            while len(in_flight) > 4 * _WRITE_THREADS:
+                in_flight.pop(0).result()
+
+        for k, chunk in enumerate(_chunks(batches)):
             ids = chunk[S.ID]
             todo_rows = np.flatnonzero(~done.contains(ids))
             table = pa.Table.from_pydict(chunk, schema=PLAN_SCHEMA)
-            writes.append((table.select([S.ID]), f"{plan_uri}/inputs/{key}-{k:06d}.parquet"))
-            pending.append(table.take(todo_rows))
+            write(table.select([S.ID]), f"inputs/{key}-{k:06d}.parquet")
+            pending = pa.concat_tables([pending, table.take(todo_rows)])
+            full = pending.num_rows - pending.num_rows % todo_rows_per_file
+            for start in range(0, full, todo_rows_per_file):
+                write(pending.slice(start, todo_rows_per_file), f"todo/{key}-{num_todo_files:06d}.parquet")
+                num_todo_files += 1
+            pending = pending.slice(full)
             result.inputs += len(ids)
             result.todo += len(todo_rows)
             result.labelled += sum(1 for v in chunk[S.LABEL_SOURCE] if v)
-            k += 1
-    todo = pa.concat_tables(pending) if pending else PLAN_SCHEMA.empty_table()
-    for n, start in enumerate(range(0, todo.num_rows, todo_rows_per_file)):
-        writes.append((todo.slice(start, todo_rows_per_file), f"{plan_uri}/todo/{key}-{n:06d}.parquet"))
-    with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:  # object PUTs are latency bound
-        list(pool.map(lambda w: _write_table(w[0], w[1], storage_cfg), writes))
+        if pending.num_rows:
+            write(pending, f"todo/{key}-{num_todo_files:06d}.parquet")
+        for future in in_flight:
+            future.result()
     return result
+
+
+def _chunks(batches: Iterable[dict[str, list]]) -> Iterator[dict[str, list]]:
+    """Column batches cut to at most PLAN_ROWS_PER_FILE rows."""
+    for items in batches:
+        for start in range(0, len(items[S.ID]), PLAN_ROWS_PER_FILE):
+            yield {c: v[start : start + PLAN_ROWS_PER_FILE] for c, v in items.items()}
 
 
 def read_plan(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> pa.Table:

@@ -162,3 +162,22 @@ def test_duplicate_manifest_ids_fail_before_any_work(ray_local, tmp_path):
     with pytest.raises(JobError, match="1 image ids occur more than once"):
         run_segment(cfg, crf_raw)
     assert not (tmp_path / "out" / "masks").exists()
+
+
+def test_plan_unit_streams_a_manifest_into_block_sized_todo_files(tmp_path, monkeypatch):
+    import pipeline.plan as plan
+
+    monkeypatch.setattr(
+        plan, "PLAN_ROWS_PER_FILE", 7
+    )  # several listing chunks, todo rows carried across them
+    pq.write_table(pa.table({"image_uri": [f"/d/{i:02d}.jpg" for i in range(20)]}), tmp_path / "m.parquet")
+    done, _ = IdIndex.from_ids([f"d/{i:02d}" for i in (0, 5, 6, 13, 19)])
+    plan_uri = str(tmp_path / "_plan")
+    source = PlanSource("manifest", str(tmp_path / "m.parquet"))
+    result = plan_unit(source, ("manifest", source.image_root), done, plan_uri, LOCAL, todo_rows_per_file=4)
+    assert (result.inputs, result.todo) == (20, 15)
+    sizes = sorted(pq.read_metadata(p).num_rows for p in list_files(join(plan_uri, "todo"), LOCAL))
+    assert sizes == [3, 4, 4, 4]  # one block per file; only the last is short
+    todo = [r[S.ID] for r in _plan_rows(plan_uri, "todo", LOCAL)]
+    assert todo == [f"d/{i:02d}" for i in range(20) if i not in (0, 5, 6, 13, 19)]
+    assert len(_plan_rows(plan_uri, "inputs", LOCAL)) == 20

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = work / f"out{n}-{n_parts}"
                 ray.get(ray.remote(write_parts).remote(out / "masks", min(n_parts, n // ROWS_PER_PART)))
                 t0 = time.perf_counter()
-                done_ref, _ = index_output(str(out), storage)
+                done_ref, _, _ = index_output(str(out), storage)
                 t1 = time.perf_counter()
                 job = plan_job(
                     ReadConfig(input_uri=str(manifest), input_format="manifest"), str(out), storage, done_ref

@@ -26,6 +26,12 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint (.pt) path or s3:// URI")
     p.add_argument("--variant", help="expected model variant (checked against the checkpoint)")
     p.add_argument("--split", help="VOC split list to read (ImageSets/Segmentation/<split>.txt)")
+    p.add_argument(
+        "--retry-errors",
+        choices=["retryable", "all", "none"],
+        help="which error rows of an earlier run to process again (default retryable: storage, credentials, "
+        "memory; all: also undecodable images and other permanent errors; none: keep every row)",
+    )
     p.add_argument("--no-crf", action="store_true", help="skip the dense CRF (masks are the DCNN argmax)")
     p.add_argument("--no-evaluate", action="store_true", help="don't compute metrics at the end")
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
@@ -45,8 +51,18 @@ def cmd_segment(args: argparse.Namespace) -> int:
         crf_raw = {"enabled": False}
     if args.no_evaluate:
         cfg = cfg.__class__(**{**cfg.__dict__, "evaluate": False})
-    print_summary(run_segment(cfg, crf_raw, address=args.address))
-    return 0
+    from pipeline.segment import StorageDown
+
+    try:
+        manifest = run_segment(cfg, crf_raw, address=args.address)
+    except (
+        StorageDown
+    ) as e:  # EX_TEMPFAIL as below: storage went down; the same command resumes once it is back
+        print(f"deeplab segment: error: {e}", file=sys.stderr)
+        return 75
+    print_summary(manifest)
+    # EX_TEMPFAIL: every image has its row, but some failed for reasons a re-run may not meet (storage, memory).
+    return 75 if manifest["counts"]["retryable"] else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

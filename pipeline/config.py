@@ -20,6 +20,7 @@ from pipeline.dcnn import DCNNConfig
 from pipeline.decode import DecodeConfig
 from pipeline.model import VARIANTS
 from pipeline.storage import StorageConfig
+from pipeline.write import RETRY_POLICIES
 
 __all__ = [
     "ConfigError",
@@ -62,10 +63,17 @@ class WriteConfig:
     # Rows per Parquet part (the unit of commit): 10M images make 10k parts. Rows wait for their part as encoded
     # PNG masks (~5-20 KB each at VOC size), so a part's rows cost the object store ~10-20 MB.
     rows_per_file: int = 1000
+    # Which committed error rows a re-run processes again (their new row supersedes the old one, see write.py):
+    # "retryable" (errors caused by the environment: storage, credentials, memory), "all", or "none".
+    retry_errors: str = "retryable"
 
     def __post_init__(self) -> None:
         if self.rows_per_file < 1:
             raise ConfigError(f"write.rows_per_file must be >= 1, got {self.rows_per_file}")
+        if self.retry_errors not in RETRY_POLICIES:
+            raise ConfigError(
+                f"write.retry_errors must be one of {RETRY_POLICIES}, got {self.retry_errors!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,7 @@ _SHORTCUTS = {
     "input_format": ("read", "input_format"),
     "split": ("read", "split"),
     "output": ("write", "output_uri"),
+    "retry_errors": ("write", "retry_errors"),
     "model": ("dcnn", "model_uri"),
     "variant": ("dcnn", "expected_variant"),
 }
@@ -232,7 +241,7 @@ def load_job_config_from_args(args: Any) -> tuple[JobConfig, dict[str, Any]]:
     """load_job_config from the command line's common flags (``--config``, ``--input``, ... ``--endpoint-url``)."""
     overrides: dict[str, Any] = {
         key: getattr(args, key, None)
-        for key in ("input", "labels", "output", "model", "variant", "split", "input_format")
+        for key in ("input", "labels", "output", "model", "variant", "split", "input_format", "retry_errors")
     }
     if getattr(args, "endpoint_url", None):
         overrides["storage"] = {"endpoint_url": args.endpoint_url}

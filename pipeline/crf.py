@@ -35,11 +35,13 @@ from pipeline.schema import (
     LOGITS,
     MASK,
     OK,
+    RETRYABLE,
     STATUS,
     UPSAMPLE_OFFSET,
     ErrorKind,
     clean_text_columns,
     object_column,
+    retryable_flags,
 )
 
 __all__ = [
@@ -439,6 +441,7 @@ class CRFRefiner:
         images = _rows(batch.get(IMAGE), n, IMAGE)
         logits = _rows(batch.get(LOGITS), n, LOGITS)
         offsets = _rows(batch.get(UPSAMPLE_OFFSET, np.zeros(n, dtype=np.int64)), n, UPSAMPLE_OFFSET)
+        retryable = retryable_flags(batch)
 
         for i in range(n):
             if statuses[i] != OK:
@@ -456,12 +459,14 @@ class CRFRefiner:
                 log.warning("CRF failed for %s: %s", batch[ID][i], exc)
                 statuses[i] = ErrorKind.CRF
                 errors[i] = f"{type(exc).__name__}: {exc}"
+                retryable[i] = isinstance(exc, MemoryError)  # the node's memory, not the image: retry it
                 masks.append(np.zeros((0, 0), dtype=np.uint8))
             seconds[i] = time.perf_counter() - start
 
         out = {k: v for k, v in batch.items() if k not in (LOGITS, IMAGE)}
         out[STATUS] = object_column(statuses)
         out[ERROR] = object_column(errors)
+        out[RETRYABLE] = retryable
         out[MASK] = object_column(masks)
         out["crf_s"] = seconds
         out["crf_node"] = object_column([self._node] * n)

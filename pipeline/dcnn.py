@@ -313,6 +313,9 @@ _FAULT_MARKERS = (
 MAX_FAULT_RESTARTS = 3
 
 
+_OOM_ROW = "out of memory for one"  # how a row's error starts when even a batch of one did not fit
+
+
 def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or (
         isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MARKERS)
@@ -555,7 +558,9 @@ class DeepLabPredictor:
                 continue
             if kind == "oom":
                 h, w = images[chunk[0]].shape[:2]
-                message = f"out of memory for one {h}x{w} image (padded to {size[0]}x{size[1]}) on {self.device}: {message}"
+                message = (
+                    f"{_OOM_ROW} {h}x{w} image (padded to {size[0]}x{size[1]}) on {self.device}: {message}"
+                )
             yield chunk, None, message, 0.0
 
     def _redo_nonfinite(
@@ -649,9 +654,14 @@ class DeepLabPredictor:
             except ValueError as e:
                 status[i], error[i] = schema.ErrorKind.DCNN, str(e)
 
+        retryable = schema.retryable_flags(batch)
+
         def fail(i: int, message: str) -> None:
             log.warning("dcnn failed for %s: %s", batch[schema.ID][i], message)
             status[i], error[i] = schema.ErrorKind.DCNN, message
+            # Out of memory is the device's state, not the image's: a re-run (another GPU, fewer neighbours) may
+            # fit it. Anything else the model rejects is permanent.
+            retryable[i] = message.startswith(_OOM_ROW) or "MemoryError" in message
 
         with torch.inference_mode():
             for size, idx in _groups(
@@ -695,6 +705,7 @@ class DeepLabPredictor:
         out_batch = dict(batch)
         out_batch[schema.STATUS] = status
         out_batch[schema.ERROR] = error
+        out_batch[schema.RETRYABLE] = retryable
         out_batch[schema.LOGITS] = schema.object_column(logits_col)
         out_batch[schema.UPSAMPLE_OFFSET] = np.full(n, self.model.upsample_offset, dtype=np.int64)
         out_batch[schema.RAW_MASK] = schema.object_column(mask_col)

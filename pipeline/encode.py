@@ -143,6 +143,7 @@ def encode_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, l
         return batch[name] if name in batch else [None] * num_rows
 
     errors = [schema.text_or_none(e) for e in column(schema.ERROR)]
+    retryable = schema.retryable_flags(batch)
     heights = [_size_or_none(h) for h in column(schema.HEIGHT)]
     widths = [_size_or_none(w) for w in column(schema.WIDTH)]
     problems = [schema.text_or_none(p) for p in column(schema.LABEL_PROBLEM)]
@@ -188,6 +189,7 @@ def encode_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, l
         schema.WIDTH: widths,
         schema.STATUS: statuses,
         schema.ERROR: errors,
+        schema.RETRYABLE: [bool(r) and s != schema.OK for r, s in zip(retryable, statuses, strict=True)],
         "mask_png": mask_png,
         "raw_mask_png": raw_mask_png,
         "confusion_raw": confusion_raw,

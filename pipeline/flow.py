@@ -40,11 +40,13 @@ from pipeline.storage import StorageConfig, delete, delete_tree, join, list_file
 from pipeline.write import (
     MASKS_DIR,
     PartsSummary,
+    apply_supersedes,
+    commit_rows,
     find_missing,
     index_parts,
     merge_index,
-    part_summary,
-    write_part,
+    merge_retry,
+    pending_supersedes,
 )
 
 if TYPE_CHECKING:  # config and dcnn import torch; encode tasks import this module and need neither
@@ -57,6 +59,7 @@ __all__ = [
     "index_output",
     "plan_job",
     "bound_run_ahead",
+    "apply_pending",
     "build_dataset",
     "execute",
     "verify_output",
@@ -115,13 +118,14 @@ def plan_pools(resources: dict[str, float], pools: PoolConfig, *, crf_enabled: b
 
 
 def encode_rows(batch: dict, encode_cfg: EncodeConfig) -> pa.Table:
-    return to_table(
-        encode_batch(batch, encode_cfg)
-    )  # PNG masks + confusion counts: small rows wait for a part
+    """PNG masks + confusion counts (small rows wait for their part), and which committed part each row replaces."""
+    table = to_table(encode_batch(batch, encode_cfg))
+    supersedes = batch.get(S.SUPERSEDES, np.full(table.num_rows, "", dtype=object))
+    return table.append_column(S.SUPERSEDES, pa.array([str(v) for v in supersedes], pa.string()))
 
 
 def write_rows(table: pa.Table, output_uri: str, storage_cfg: StorageConfig) -> pa.Table:
-    return part_summary(table, write_part(table, output_uri, storage_cfg))  # one row per committed part
+    return commit_rows(table, output_uri, storage_cfg)  # one summary row per committed part
 
 
 _RUN_AHEAD_ENV = "RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD"
@@ -230,34 +234,50 @@ def build_dataset(
 # Task bodies are the stage modules' own functions: a worker imports pipeline.plan / pipeline.write, not this module.
 _index_task = ray.remote(index_parts)
 _merge_task = ray.remote(merge_index)
+_merge_retry_task = ray.remote(merge_retry)
+_supersede_task = ray.remote(apply_supersedes)
 _plan_task = ray.remote(plan_unit)
 _missing_task = ray.remote(find_missing)
 
 
-def index_files(files: list[str], storage_cfg: StorageConfig, *, with_status: bool = True) -> tuple:
-    """(ObjectRef of an IdIndex over the files' image ids, PartsSummary): built and held in Ray, not here."""
+def index_files(
+    files: list[str], storage_cfg: StorageConfig, *, with_status: bool = True, retry: str = "retryable"
+) -> tuple:
+    """(ObjectRefs of an IdIndex over the files' image ids and of the RetryIndex of rows to retry, PartsSummary):
+    built and held in Ray, not here."""
     groups = [files[i : i + _FILES_PER_TASK] for i in range(0, len(files), _FILES_PER_TASK)]
     refs = [
-        _index_task.options(num_returns=3).remote(g, storage_cfg, with_status=with_status) for g in groups
+        _index_task.options(num_returns=4).remote(g, storage_cfg, with_status=with_status, retry=retry)
+        for g in groups
     ]
     index_ref, dup_ref = _merge_task.options(num_returns=2).remote(*[h for r in refs for h in r[:2]])
+    retry_ref = _merge_retry_task.remote(*[r[3] for r in refs])
     summary = PartsSummary()
     for part in ray.get([r[2] for r in refs]):
-        summary.rows += part.rows
-        summary.status_counts.update(part.status_counts)
-        summary.unreadable.extend(part.unreadable)
+        summary.add(part)
     summary.duplicates = ray.get(dup_ref)
-    return index_ref, summary
+    return index_ref, retry_ref, summary
 
 
-def index_output(output_uri: str, storage_cfg: StorageConfig) -> tuple:
-    """Index the committed parts; unreadable ones (torn local files of a killed run) are removed: not done."""
+def apply_pending(output_uri: str, storage_cfg: StorageConfig) -> int:
+    """Rewrite the parts that rows written aside supersede (write.apply_supersedes), in tasks; return rows replaced."""
+    groups = list(pending_supersedes(output_uri, storage_cfg).items())
+    chunks = [dict(groups[i : i + _FILES_PER_TASK]) for i in range(0, len(groups), _FILES_PER_TASK)]
+    return sum(ray.get([_supersede_task.remote(c, output_uri, storage_cfg) for c in chunks]))
+
+
+def index_output(output_uri: str, storage_cfg: StorageConfig, *, retry: str = "retryable") -> tuple:
+    """Index the committed parts (after applying rows a killed run left aside); unreadable ones (torn local files of
+    a killed run) are removed: not done. Returns (index ref, retry ref, PartsSummary)."""
+    replaced = apply_pending(output_uri, storage_cfg)
+    if replaced:
+        log.info("applied %d rows a previous run left aside to supersede committed ones", replaced)
     parts = list_files(join(output_uri, MASKS_DIR), storage_cfg, (".parquet",))
-    index_ref, summary = index_files(parts, storage_cfg)
+    index_ref, retry_ref, summary = index_files(parts, storage_cfg, retry=retry)
     for uri in summary.unreadable:
         log.warning("removing unreadable part %s", uri)
         delete(uri, storage_cfg)
-    return index_ref, summary
+    return index_ref, retry_ref, summary
 
 
 @dataclass(frozen=True)
@@ -268,6 +288,7 @@ class JobPlan:
     todo: int
     labelled: int
     units: int
+    retried: int = 0  # of todo: images whose committed error row this run retries
 
     @property
     def todo_uri(self) -> str:
@@ -278,8 +299,11 @@ class JobPlan:
         return join(self.uri, "inputs")
 
 
-def plan_job(read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, done_ref) -> JobPlan:
-    """List every input in Ray tasks (breadth first over units) into OUTPUT/_plan/, minus what ``done_ref`` holds."""
+def plan_job(
+    read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, done_ref, retry_ref=None
+) -> JobPlan:
+    """List every input in Ray tasks (breadth first over units) into OUTPUT/_plan/, minus what ``done_ref`` holds
+    (plus the rows ``retry_ref`` names, to be superseded)."""
     fmt = read_cfg.input_format
     if fmt == "auto":
         fmt = detect_format(read_cfg.input_uri, storage_cfg)
@@ -299,6 +323,7 @@ def plan_job(read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, 
             plan_uri,
             storage_cfg,
             split_ref,
+            retry_ref,
             todo_rows_per_file=read_cfg.items_per_block,
         )
 
@@ -313,17 +338,18 @@ def plan_job(read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, 
             units += 1
             total.inputs += result.inputs
             total.todo += result.todo
+            total.retried += result.retried
             total.labelled += result.labelled
             total.split_matched += result.split_matched
             pending.extend(submit(u) for u in result.subunits)
     if split_ids is not None and total.split_matched < len(split_ids):
         log.warning("%d ids of split %r have no image", len(split_ids) - total.split_matched, read_cfg.split)
-    return JobPlan(fmt, plan_uri, total.inputs, total.todo, total.labelled, units)
+    return JobPlan(fmt, plan_uri, total.inputs, total.todo, total.labelled, units, total.retried)
 
 
 def verify_output(job_plan: JobPlan, output_uri: str, storage_cfg: StorageConfig) -> dict:
     """The final check, in Ray tasks: every input id has a row, and no id is in two parts."""
-    index_ref, summary = index_output(output_uri, storage_cfg)
+    index_ref, _, summary = index_output(output_uri, storage_cfg)
     files = list_files(job_plan.inputs_uri, storage_cfg, (".parquet",))
     groups = [files[i : i + _FILES_PER_TASK] for i in range(0, len(files), _FILES_PER_TASK)]
     inputs, missing, examples = 0, 0, []
@@ -350,7 +376,7 @@ def run_single_process(
         if refiner is not None:
             batch = _concat([refiner(_take(batch, i)) for i in range(len(chunk))])
         table = encode_rows(batch, encode_cfg)
-        write_part(table, cfg.write.output_uri, cfg.storage)
+        commit_rows(table, cfg.write.output_uri, cfg.storage)
         statuses.update(table.column(S.STATUS).to_pylist())
     wall = time.monotonic() - t0
     return {
@@ -384,10 +410,11 @@ def execute(ds: ray.data.Dataset, total: int, *, log_every_s: float = 10.0) -> d
     counts: Counter = Counter()
     nodes: dict[str, set] = {c: set() for c in S.NODE_COLUMNS}
     stage_s: Counter = Counter()
-    done, parts, t0, last = 0, 0, time.monotonic(), time.monotonic()
+    done, parts, retryable, t0, last = 0, 0, 0, time.monotonic(), time.monotonic()
     for part in ds.iter_rows():
         parts += 1
         done += int(part["rows"])
+        retryable += int(part["retryable"])
         counts.update(json.loads(part["status_counts"]))
         for c in S.NODE_COLUMNS:
             nodes[c].update(n for n in str(part[c]).split(",") if n)
@@ -404,6 +431,7 @@ def execute(ds: ray.data.Dataset, total: int, *, log_every_s: float = 10.0) -> d
         "processed": done,
         "parts_written": parts,
         "status_counts": dict(counts),
+        "retryable": retryable,
         "wall_s": wall,
         "images_per_s": done / wall if wall > 0 else 0.0,
         "stage_s": dict(stage_s),

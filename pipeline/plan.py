@@ -11,7 +11,8 @@ A unit's task writes two kinds of plan files under ``OUTPUT/_plan/`` and returns
 ``inputs/<unit>-<k>.parquet`` (every input id; what the final check reads).
 
 Done-ness comes in as a ``write.IdIndex`` (hashes of the committed parts' ids, in Ray's object store): a unit task
-writes only the items it lacks to ``todo/``.
+writes only the items it lacks to ``todo/``, plus the items whose committed row is to be retried
+(``write.RetryIndex``), each with the name of the part its new row supersedes.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from pipeline.write import IdIndex
+    from pipeline.write import IdIndex, RetryIndex
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,9 @@ PLAN_SCHEMA = pa.schema(
         pa.field(S.SOURCE, pa.string(), nullable=False),
         pa.field(S.LABEL_SOURCE, pa.string()),
         pa.field(S.SHARD, pa.string(), nullable=False),
+        pa.field(
+            S.SUPERSEDES, pa.string(), nullable=False
+        ),  # the part holding an error row this item retries
     ]
 )
 # Manifest columns: the first name present is used.
@@ -345,6 +349,7 @@ class UnitResult:
 
     inputs: int = 0
     todo: int = 0
+    retried: int = 0  # of todo: items whose committed error row is retried
     labelled: int = 0
     split_matched: int = 0
     subunits: list[tuple[str, str]] = field(default_factory=list)
@@ -367,10 +372,11 @@ def plan_unit(
     plan_uri: str,
     storage_cfg: StorageConfig,
     split_ids: frozenset[str] | None = None,
+    retry: RetryIndex | None = None,
     *,
     todo_rows_per_file: int = 250,
 ) -> UnitResult:
-    """List one unit, drop what ``done`` holds, write its plan files under ``plan_uri``; return counts.
+    """List one unit, drop what ``done`` holds (unless ``retry`` names its row), write its plan files; return counts.
 
     ``todo/`` files hold ``todo_rows_per_file`` items (read.items_per_block): each is one block of the job, read by
     a short task that needs no CPU slot. ``inputs/`` files hold up to PLAN_ROWS_PER_FILE ids for the final check.
@@ -391,8 +397,11 @@ def plan_unit(
 
         for k, chunk in enumerate(_chunks(batches)):
             ids = chunk[S.ID]
-            todo_rows = np.flatnonzero(~done.contains(ids))
-            table = pa.Table.from_pydict(chunk, schema=PLAN_SCHEMA)
+            supersedes = (
+                retry.parts_of(ids) if retry is not None and len(retry) else np.full(len(ids), "", object)
+            )
+            todo_rows = np.flatnonzero(~done.contains(ids) | (supersedes != ""))
+            table = pa.Table.from_pydict({**chunk, S.SUPERSEDES: supersedes.tolist()}, schema=PLAN_SCHEMA)
             write(table.select([S.ID]), f"inputs/{key}-{k:06d}.parquet")
             pending = pa.concat_tables([pending, table.take(todo_rows)])
             full = pending.num_rows - pending.num_rows % todo_rows_per_file
@@ -402,6 +411,7 @@ def plan_unit(
             pending = pending.slice(full)
             result.inputs += len(ids)
             result.todo += len(todo_rows)
+            result.retried += int((supersedes != "").sum())
             result.labelled += sum(1 for v in chunk[S.LABEL_SOURCE] if v)
         if pending.num_rows:
             write(pending, f"todo/{key}-{num_todo_files:06d}.parquet")

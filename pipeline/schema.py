@@ -14,7 +14,9 @@ __all__ = [
     "LABEL_SOURCE",
     "STATUS",
     "ERROR",
+    "RETRYABLE",
     "SHARD",
+    "SUPERSEDES",
     "IMAGE_BYTES",
     "LABEL_BYTES",
     "IMAGE",
@@ -37,6 +39,7 @@ __all__ = [
     "text_or_none",
     "object_column",
     "clean_text_columns",
+    "retryable_flags",
     "voc_palette",
 ]
 
@@ -46,7 +49,11 @@ SOURCE = "source"  # str, URI of the image
 LABEL_SOURCE = "label_source"  # str | None, URI of the ground-truth PNG
 STATUS = "status"  # "ok" or an ErrorKind value
 ERROR = "error"  # str | None, human-readable reason
+RETRYABLE = "retryable"  # bool: the error came from the environment, not the image; a re-run retries the row
 SHARD = "shard"  # str, shard URI for shard inputs (the row's bytes live inside it), else ""
+SUPERSEDES = (
+    "supersedes"  # str: name of the committed part whose row for this image this one replaces, else ""
+)
 
 # In-flight columns (never written)
 IMAGE_BYTES = "image_bytes"  # bytes, encoded image as stored
@@ -90,6 +97,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(WIDTH, pa.int32()),
         pa.field(STATUS, pa.string(), nullable=False),
         pa.field(ERROR, pa.string()),
+        pa.field(RETRYABLE, pa.bool_(), nullable=False),
         pa.field("mask_png", pa.binary()),
         pa.field("raw_mask_png", pa.binary()),
         # Per-image confusion counts, flattened C*C int64 (row = ground truth, column = prediction), void skipped.
@@ -166,3 +174,11 @@ def clean_text_columns(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if name in batch:
             batch[name] = object_column(text_or_none(v) for v in batch[name])
     return batch
+
+
+def retryable_flags(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """A writable bool copy of the batch's RETRYABLE column (all False when a stage upstream did not set it)."""
+    n = len(batch[ID])
+    if RETRYABLE not in batch:
+        return np.zeros(n, dtype=bool)
+    return np.array([bool(v) and not is_missing(v) for v in batch[RETRYABLE]], dtype=bool)

@@ -17,17 +17,37 @@ from typing import Any
 from pipeline import schema as S
 from pipeline.config import JobConfig, resolve_crf
 from pipeline.encode import EncodeConfig
-from pipeline.storage import StorageError, check_access, list_files, read_bytes
+from pipeline.storage import StorageError, StorageOutage, check_access, list_files, read_bytes
 from pipeline.weights import checkpoint_digest, load_checkpoint_bytes
 from pipeline.write import MASKS_DIR, write_manifest
 
-__all__ = ["JobError", "run_segment"]
+__all__ = ["JobError", "StorageDown", "run_segment"]
 
 log = logging.getLogger(__name__)
 
 
 class JobError(RuntimeError):
     """The job could not start or finish; the message is the one-line cause."""
+
+
+class StorageDown(JobError):
+    """Storage failed past the outage guard (or a part could not be committed): a re-run when it is back resumes."""
+
+
+def _storage_cause(exc: BaseException) -> str | None:
+    """The one-line cause when a Ray task failed because storage did (read.OutageGuard, a PUT out of retries)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, StorageOutage):
+            return str(exc).splitlines()[0]
+        text = str(exc)
+        if (
+            "StorageOutage: " in text
+        ):  # Ray's wrapper of a worker's exception keeps its text, not always its type
+            return text.split("StorageOutage: ", 1)[1].splitlines()[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _versions() -> dict[str, str]:
@@ -97,19 +117,25 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
     cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, num_classes=meta["num_classes"]))
 
     init_ray(address)
-    done_ref, before = index_output(cfg.write.output_uri, cfg.storage)
+    done_ref, retry_ref, before = index_output(
+        cfg.write.output_uri, cfg.storage, retry=cfg.write.retry_errors
+    )
     try:
-        job_plan = plan_job(cfg.read, cfg.write.output_uri, cfg.storage, done_ref)
-    except (OSError, ValueError, KeyError) as e:  # raised in a listing task: name its cause, not Ray's traceback
+        job_plan = plan_job(cfg.read, cfg.write.output_uri, cfg.storage, done_ref, retry_ref)
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+    ) as e:  # raised in a listing task: name its cause, not Ray's traceback
         cause = getattr(e, "cause", None) or e
         raise JobError(f"cannot list the inputs under {cfg.read.input_uri}: {cause}") from e
-    del done_ref
+    del done_ref, retry_ref
     if not job_plan.inputs:
         raise JobError(
             f"no input images found under {cfg.read.input_uri} (format {job_plan.fmt}): check --input"
         )
     if job_plan.fmt in ("manifest", "shards"):  # ids come from the data: make sure they are unique
-        _, inputs = index_files(
+        _, _, inputs = index_files(
             list_files(job_plan.inputs_uri, cfg.storage, (".parquet",)), cfg.storage, with_status=False
         )
         if inputs.duplicates:
@@ -118,9 +144,10 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
                 "give every image a unique image_id"
             )
     log.info(
-        "%d inputs (%s, %d listing tasks), %d already done, %d to process; model %s (%s), CRF %s",
+        "%d inputs (%s, %d listing tasks), %d already done, %d to process (%d error rows retried, policy %s); "
+        "model %s (%s), CRF %s",
         job_plan.inputs, job_plan.fmt, job_plan.units, job_plan.inputs - job_plan.todo, job_plan.todo,
-        meta["variant"], digest[:12], "on" if cfg.crf else "off",
+        job_plan.retried, cfg.write.retry_errors, meta["variant"], digest[:12], "on" if cfg.crf else "off",
     )  # fmt: skip
 
     plan = plan_pools(ray.cluster_resources(), cfg.pools, crf_enabled=cfg.crf is not None)
@@ -137,7 +164,15 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
         "nodes": {},
     }
     if job_plan.todo:
-        run = execute(build_dataset(job_plan.todo_uri, cfg, encode_cfg, plan, job_plan.todo), job_plan.todo)
+        try:
+            run = execute(
+                build_dataset(job_plan.todo_uri, cfg, encode_cfg, plan, job_plan.todo), job_plan.todo
+            )
+        except Exception as e:
+            cause = _storage_cause(e)
+            if cause is None:
+                raise
+            raise StorageDown(cause) from e
 
     check = verify_output(job_plan, cfg.write.output_uri, cfg.storage)
     after = check["output"]
@@ -156,8 +191,11 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
             "rows": check["inputs"] - check["missing"],
             "done_before": job_plan.inputs - job_plan.todo,
             "processed_this_run": run["processed"],
+            "retried_this_run": job_plan.retried,
             "status": dict(after.status_counts),
             "errors": sum(v for k, v in after.status_counts.items() if k != S.OK),
+            # Error rows caused by the environment (storage, credentials, memory): a re-run retries them.
+            "retryable": after.retryable,
         },
         "run": {
             **run,

@@ -19,6 +19,8 @@ import pyarrow.fs as pafs
 __all__ = [
     "StorageConfig",
     "StorageError",
+    "StorageOutage",
+    "is_transient",
     "is_s3",
     "split_s3",
     "join",
@@ -39,6 +41,10 @@ class StorageError(RuntimeError):
     """Storage is unreachable or misconfigured; the message names the fix."""
 
 
+class StorageOutage(StorageError):
+    """Storage failed for most requests for longer than ``storage.outage_wait_s``: the job stops, a re-run resumes."""
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """How to reach object storage. Holds no secrets: credentials come from the AWS chain in each process."""
@@ -49,6 +55,14 @@ class StorageConfig:
     max_attempts: int = 8  # botocore/pyarrow attempts per request, retries on 5xx, SlowDown, resets
     connect_timeout_s: float = 5.0
     request_timeout_s: float = 60.0
+    # Outage guard (read.fetch_batch, per worker process): when at least outage_min_failures object reads failed
+    # transiently within outage_window_s and they are at least outage_rate of the reads there, the worker backs off
+    # and probes; storage still down after outage_wait_s -> the job stops with the cause (a re-run resumes) instead
+    # of turning the rest of the dataset into error rows.
+    outage_window_s: float = 60.0
+    outage_rate: float = 0.8
+    outage_min_failures: int = 20
+    outage_wait_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.endpoint_url is not None and not self.endpoint_url.startswith(("http://", "https://")):
@@ -61,6 +75,13 @@ class StorageConfig:
             )
         if self.max_attempts < 1:
             raise ValueError(f"storage.max_attempts must be >= 1, got {self.max_attempts}")
+        if not 0 < self.outage_rate <= 1:
+            raise ValueError(f"storage.outage_rate must be in (0, 1], got {self.outage_rate}")
+        if self.outage_min_failures < 1 or self.outage_window_s <= 0 or self.outage_wait_s < 0:
+            raise ValueError(
+                "storage.outage_min_failures must be >= 1, outage_window_s > 0 and outage_wait_s >= 0, got "
+                f"{self.outage_min_failures}, {self.outage_window_s}, {self.outage_wait_s}"
+            )
 
     @classmethod
     def from_env(cls, **overrides) -> StorageConfig:
@@ -98,6 +119,41 @@ def join(base: str, *parts: str) -> str:
             raise ValueError(f"path part {part!r} may not contain '.' or '..' segments")
         out = f"{out}/{part}"
     return out
+
+
+# S3 error codes that say nothing about the object itself: throttling, server trouble, expired or refused credentials.
+_TRANSIENT_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequestsException",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "BadGateway",
+    "ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "RequestExpired", "AccessDenied",
+    "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed",
+}  # fmt: skip
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when a storage failure came from the environment (a re-run may succeed), False when from the object.
+
+    Permanent: the object is missing (404, NoSuchKey) or is a folder, or S3 rejects the request itself (other 4xx).
+    Transient: throttling, 5xx, timeouts, connection resets, expired or refused credentials, out of memory.
+    """
+    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
+        return False
+    if isinstance(exc, MemoryError | ConnectionError | TimeoutError | PermissionError):
+        return True
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:  # pragma: no cover - boto3 is a dependency
+        BotoCoreError = ClientError = ()
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return str(error.get("Code")) in _TRANSIENT_CODES or status >= 500 or status == 429
+    if isinstance(exc, BotoCoreError):  # connection, read timeout, credentials retrieval
+        return True
+    if isinstance(exc, OSError):  # pyarrow's S3 errors carry the HTTP story in the text
+        text = str(exc).lower()
+        return not any(m in text for m in ("404", "nosuchkey", "not found", "no such file"))
+    return False
 
 
 def redact(text: str) -> str:

@@ -16,6 +16,11 @@ def format_summary(manifest: dict) -> str:
         f"images        {counts['inputs']} ({counts['rows']} rows; {counts['processed_this_run']} processed now, "
         f"{counts['done_before']} done before)",
         f"errors        {counts['errors']}" + (f" {errors}" if errors else ""),
+        *(
+            [f"retryable     {counts['retryable']} (storage, credentials or memory): re-run the same command"]
+            if counts.get("retryable")
+            else []
+        ),
         f"throughput    {run['images_per_s']:.2f} images/s ({run['wall_s']:.1f} s streaming)",
         f"model         {manifest['model']['variant']} sha256:{manifest['model']['digest'][:12]}",
     ]

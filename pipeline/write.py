@@ -8,6 +8,13 @@ Exactly-once by construction:
 - a re-run indexes the committed parts' ``image_id`` columns (:class:`IdIndex`, built in Ray tasks: 16 bytes per
   finished image in the object store, nothing per image on the driver) and plans only the images the index lacks;
   after the run the index is rebuilt to check that every input has exactly one row.
+
+Retrying an error row (``retryable``, or any error with ``--retry-errors all``) supersedes it without a moment with
+two rows or none: the re-run's row for such an image is written aside, to ``OUTPUT/_supersede/<old part>/``
+(invisible to readers of ``masks/``), and then the old part is rewritten in place with the new row instead of the
+old one: one atomic PUT of an object whose name, a digest of its ids, does not change. A kill before the rewrite
+leaves the old row (the aside file is applied by the next run before it indexes); a kill after it leaves the new
+row (applying again is idempotent). :class:`RetryIndex` tells the planner which part holds each row to retry.
 """
 
 from __future__ import annotations
@@ -29,14 +36,21 @@ from pipeline.storage import StorageConfig, delete, filesystem, join, list_files
 
 __all__ = [
     "MASKS_DIR",
+    "SUPERSEDE_DIR",
+    "RETRY_POLICIES",
     "part_name",
     "write_part",
+    "commit_rows",
     "part_summary",
     "IdIndex",
+    "RetryIndex",
+    "pending_supersedes",
+    "apply_supersedes",
     "PartsSummary",
     "read_part_ids",
     "index_parts",
     "merge_index",
+    "merge_retry",
     "find_missing",
     "load_done",
     "write_manifest",
@@ -46,7 +60,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MASKS_DIR = "masks"
+SUPERSEDE_DIR = "_supersede"  # rows that replace committed error rows, until their part is rewritten
 MANIFEST = "_manifest.json"
+RETRY_POLICIES = ("retryable", "all", "none")  # which committed error rows a re-run processes again
 
 
 def part_name(image_ids: list[str]) -> str:
@@ -55,18 +71,45 @@ def part_name(image_ids: list[str]) -> str:
     return f"part-{digest}.parquet"
 
 
-def write_part(table: pa.Table, output_uri: str, storage_cfg: StorageConfig) -> str:
-    """Commit one part and return its URI. The table must follow ``schema.OUTPUT_SCHEMA``."""
+def write_part(table: pa.Table, output_uri: str, storage_cfg: StorageConfig, *, supersedes: str = "") -> str:
+    """Commit one part and return its URI. The table must follow ``schema.OUTPUT_SCHEMA``.
+
+    ``supersedes``: the name of the committed part whose rows for these images these replace; the part is then
+    written aside under ``_supersede/`` for ``apply_supersedes``.
+    """
     ids = table.column(S.ID).to_pylist()
     if len(set(ids)) != len(ids):
         raise ValueError(
             f"a part may not hold an image twice: {[i for i, c in Counter(ids).items() if c > 1]}"
         )
-    uri = join(output_uri, MASKS_DIR, part_name(ids))
+    if supersedes:
+        uri = join(output_uri, SUPERSEDE_DIR, supersedes.removesuffix(".parquet"), part_name(ids))
+    else:
+        uri = join(output_uri, MASKS_DIR, part_name(ids))
+    _put_table(table, uri, storage_cfg)
+    return uri
+
+
+def _put_table(table: pa.Table, uri: str, storage_cfg: StorageConfig) -> None:
     buf = io.BytesIO()
     pq.write_table(table.cast(S.OUTPUT_SCHEMA), buf, compression="zstd")
     write_bytes(uri, buf.getvalue(), storage_cfg)
-    return uri
+
+
+def commit_rows(table: pa.Table, output_uri: str, storage_cfg: StorageConfig) -> pa.Table:
+    """Encoded rows (OUTPUT_SCHEMA + SUPERSEDES) -> their committed parts' summaries (``part_summary``).
+
+    New images make one part; rows that replace a committed row make one aside part per part they replace.
+    """
+    if S.SUPERSEDES not in table.column_names:
+        return part_summary(table, write_part(table, output_uri, storage_cfg))
+    supersedes = table.column(S.SUPERSEDES)
+    table = table.drop_columns([S.SUPERSEDES])
+    summaries = []
+    for old in sorted(pc.unique(supersedes).to_pylist()):
+        rows = table.filter(pc.equal(supersedes, old))
+        summaries.append(part_summary(rows, write_part(rows, output_uri, storage_cfg, supersedes=old)))
+    return pa.concat_tables(summaries)
 
 
 def _hash_ids(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -102,21 +145,49 @@ class IdIndex:
 
     def contains(self, ids: list[str]) -> np.ndarray:
         """bool (len(ids),): which ids are in the index."""
+        return self.find(ids) >= 0
+
+    def find(self, ids: list[str]) -> np.ndarray:
+        """int64 (len(ids),): each id's position in the index, -1 where it is absent."""
+        found = np.full(len(ids), -1, dtype=np.int64)
         if not ids or not len(self):
-            return np.zeros(len(ids), dtype=bool)
+            return found
         q_hi, q_lo = _hash_ids(ids)
         pos = np.searchsorted(self.hi, q_hi, side="left")
-        found = np.zeros(len(ids), dtype=bool)
         # Equal hi values are contiguous; almost always one element (two ids sharing 64 bits is ~never).
         for step in range(4):
             p = pos + step
             valid = p < len(self.hi)
             pc_ = np.where(valid, p, 0)
             same_hi = valid & (self.hi[pc_] == q_hi)
-            found |= same_hi & (self.lo[pc_] == q_lo)
+            hit = same_hi & (self.lo[pc_] == q_lo) & (found < 0)
+            found[hit] = p[hit]
             if not same_hi.any():
                 break
         return found
+
+
+@dataclass
+class RetryIndex:
+    """The committed error rows a re-run processes again: id hashes and, for each, the name of its part."""
+
+    ids: IdIndex = field(default_factory=IdIndex)
+    parts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))  # aligned with ids
+
+    @classmethod
+    def build(cls, hi: np.ndarray, lo: np.ndarray, parts: np.ndarray) -> RetryIndex:
+        order = np.lexsort((lo, hi))
+        return cls(IdIndex(hi[order], lo[order]), np.asarray(parts, dtype=object)[order])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def parts_of(self, ids: list[str]) -> np.ndarray:
+        """object (len(ids),): the part holding each id's row to retry, "" for ids not to retry."""
+        pos = self.ids.find(ids)
+        out = np.full(len(ids), "", dtype=object)
+        out[pos >= 0] = self.parts[pos[pos >= 0]]
+        return out
 
 
 def read_part_ids(
@@ -124,18 +195,25 @@ def read_part_ids(
 ) -> pa.Table | None:
     """Some columns of a committed part (or plan file), or None if it is unreadable (a torn local file)."""
     fs, path = filesystem(uri, storage_cfg)
-    columns = list(columns)
     try:
-        return pq.read_table(path, columns=columns, filesystem=fs)
+        return _read_columns(pq.ParquetFile(path, filesystem=fs), columns)
     except (OSError, pa.ArrowInvalid):
         # pyarrow's ranged S3 reads fail without retrying on a throttled small read (a 503 body overflows the
         # range buffer), so a committed part must not be judged by them: re-read it whole through boto3,
         # which retries; a storage error that outlasts the retries raises (not OSError) and fails the job.
         try:
-            return pq.read_table(io.BytesIO(read_bytes(uri, storage_cfg)), columns=columns)
+            return _read_columns(pq.ParquetFile(io.BytesIO(read_bytes(uri, storage_cfg))), columns)
         except (OSError, pa.ArrowInvalid) as e:
             log.warning("unreadable part %s (left by a killed run?): %s", uri, e)
             return None
+
+
+def _read_columns(file: pq.ParquetFile, columns: tuple[str, ...]) -> pa.Table:
+    """The columns the file has (a part written before ``retryable`` existed lacks it: read as all False)."""
+    table = file.read(columns=[c for c in columns if c in file.schema_arrow.names])
+    if S.RETRYABLE in columns and S.RETRYABLE not in table.column_names:
+        table = table.append_column(S.RETRYABLE, pa.array(np.zeros(table.num_rows, dtype=bool)))
+    return table
 
 
 @dataclass
@@ -144,18 +222,31 @@ class PartsSummary:
 
     rows: int = 0
     duplicates: int = 0
+    retryable: int = 0  # error rows whose cause was the environment (a re-run retries them by default)
+    retry: int = 0  # rows the re-run's policy retries
     status_counts: Counter = field(default_factory=Counter)
     unreadable: list[str] = field(default_factory=list)
 
+    def add(self, other: PartsSummary) -> None:
+        self.rows += other.rows
+        self.duplicates += other.duplicates
+        self.retryable += other.retryable
+        self.retry += other.retry
+        self.status_counts.update(other.status_counts)
+        self.unreadable.extend(other.unreadable)
+
 
 def index_parts(
-    part_uris: list[str], storage_cfg: StorageConfig, *, with_status: bool = True
-) -> tuple[np.ndarray, np.ndarray, PartsSummary]:
-    """Hashes of the ids in some parts (or plan files, ``with_status=False``), duplicates kept, and what they hold."""
+    part_uris: list[str], storage_cfg: StorageConfig, *, with_status: bool = True, retry: str = "retryable"
+) -> tuple[np.ndarray, np.ndarray, PartsSummary, RetryIndex]:
+    """Hashes of the ids in some parts (or plan files, ``with_status=False``), duplicates kept, what they hold, and
+    the rows to retry under the ``retry`` policy (RETRY_POLICIES)."""
+    if retry not in RETRY_POLICIES:
+        raise ValueError(f"retry policy must be one of {RETRY_POLICIES}, got {retry!r}")
     summary = PartsSummary()
-    his, los = [], []
+    his, los, retry_his, retry_los, retry_parts = [], [], [], [], []
     for uri in part_uris:
-        table = read_part_ids(uri, storage_cfg, (S.ID, S.STATUS) if with_status else (S.ID,))
+        table = read_part_ids(uri, storage_cfg, (S.ID, S.STATUS, S.RETRYABLE) if with_status else (S.ID,))
         if table is None:
             summary.unreadable.append(uri)
             continue
@@ -163,11 +254,25 @@ def index_parts(
         his.append(hi)
         los.append(lo)
         summary.rows += table.num_rows
-        if with_status:
-            summary.status_counts.update(table.column(S.STATUS).to_pylist())
-    if not his:
-        return np.zeros(0, np.uint64), np.zeros(0, np.uint64), summary
-    return np.concatenate(his), np.concatenate(los), summary
+        if not with_status:
+            continue
+        status = table.column(S.STATUS).to_numpy(zero_copy_only=False)
+        retryable = table.column(S.RETRYABLE).to_numpy(zero_copy_only=False).astype(bool) & (status != S.OK)
+        summary.status_counts.update(status.tolist())
+        summary.retryable += int(retryable.sum())
+        again = {"retryable": retryable, "all": status != S.OK, "none": np.zeros(len(status), bool)}[retry]
+        if again.any():
+            retry_his.append(hi[again])
+            retry_los.append(lo[again])
+            retry_parts.append(np.full(int(again.sum()), uri.rsplit("/", 1)[-1], dtype=object))
+            summary.retry += int(again.sum())
+    empty = np.zeros(0, np.uint64)
+    retry_index = RetryIndex.build(
+        np.concatenate([*retry_his, empty]),
+        np.concatenate([*retry_los, empty]),
+        np.concatenate([*retry_parts, np.zeros(0, dtype=object)]),
+    )
+    return np.concatenate([*his, empty]), np.concatenate([*los, empty]), summary, retry_index
 
 
 def merge_index(*hashes: np.ndarray) -> tuple[IdIndex, int]:
@@ -176,6 +281,60 @@ def merge_index(*hashes: np.ndarray) -> tuple[IdIndex, int]:
     hi = np.concatenate([*hashes[0::2], empty])
     lo = np.concatenate([*hashes[1::2], empty])
     return IdIndex.from_hashes(hi, lo)
+
+
+def merge_retry(*indexes: RetryIndex) -> RetryIndex:
+    """One RetryIndex from index_parts' per-group ones."""
+    return RetryIndex.build(
+        np.concatenate([np.zeros(0, np.uint64), *(r.ids.hi for r in indexes)]),
+        np.concatenate([np.zeros(0, np.uint64), *(r.ids.lo for r in indexes)]),
+        np.concatenate([np.zeros(0, dtype=object), *(r.parts for r in indexes)]),
+    )
+
+
+def pending_supersedes(output_uri: str, storage_cfg: StorageConfig) -> dict[str, list[str]]:
+    """Rows written aside to replace committed ones: {name of the part they replace: [aside part URIs]}."""
+    root = join(output_uri, SUPERSEDE_DIR)
+    groups: dict[str, list[str]] = {}
+    for uri in list_files(root, storage_cfg, (".parquet",)):
+        old = uri[len(root) :].strip("/").split("/")[0] + ".parquet"
+        groups.setdefault(old, []).append(uri)
+    return groups
+
+
+def apply_supersedes(groups: dict[str, list[str]], output_uri: str, storage_cfg: StorageConfig) -> int:
+    """Rewrite each committed part with the rows written aside for it (one atomic PUT each); return rows replaced.
+
+    Idempotent: a kill between the rewrite and the deletion of the aside files is repaired by applying again.
+    """
+    replaced = 0
+    for old, uris in groups.items():
+        new = pa.concat_tables([_read_whole(u, storage_cfg) for u in uris])
+        new_ids = new.column(S.ID).to_pylist()
+        if len(set(new_ids)) != len(new_ids):  # two attempts of one row (can't happen in one run): keep one
+            keep = sorted({i: k for k, i in enumerate(new_ids)}.values())
+            new = new.take(keep)
+        part_uri = join(output_uri, MASKS_DIR, old)
+        try:
+            current = _read_whole(part_uri, storage_cfg)
+        except FileNotFoundError:  # the part is gone (deleted by hand?): the rows become a part of their own
+            write_part(new, output_uri, storage_cfg)
+        else:
+            kept = current.filter(
+                pc.invert(pc.is_in(current.column(S.ID), value_set=new.column(S.ID).combine_chunks()))
+            )
+            _put_table(pa.concat_tables([kept, new]), part_uri, storage_cfg)
+        replaced += new.num_rows
+        for uri in uris:
+            delete(uri, storage_cfg)
+    return replaced
+
+
+def _read_whole(uri: str, storage_cfg: StorageConfig) -> pa.Table:
+    table = pq.read_table(io.BytesIO(read_bytes(uri, storage_cfg)))
+    if S.RETRYABLE not in table.column_names:  # a part from before the column existed
+        table = table.append_column(S.RETRYABLE, pa.array(np.zeros(table.num_rows, dtype=bool)))
+    return table.select(S.OUTPUT_SCHEMA.names).cast(S.OUTPUT_SCHEMA)
 
 
 def find_missing(
@@ -202,6 +361,7 @@ def part_summary(table: pa.Table, part_uri: str) -> pa.Table:
         "part": [part_uri],
         "rows": [table.num_rows],
         "status_counts": [json.dumps(dict(statuses), sort_keys=True)],
+        "retryable": [int(pc.sum(table.column(S.RETRYABLE)).as_py() or 0)],
     }
     for c in S.TIMING_COLUMNS:
         row[c] = [float(pc.sum(table.column(c).cast(pa.float64())).as_py() or 0.0)]
@@ -215,8 +375,9 @@ def load_done(output_uri: str, storage_cfg: StorageConfig) -> tuple[IdIndex, Par
 
     The segment job builds the same index in Ray tasks (``flow.index_output``). Unreadable parts are removed.
     """
+    apply_supersedes(pending_supersedes(output_uri, storage_cfg), output_uri, storage_cfg)
     parts = list_files(join(output_uri, MASKS_DIR), storage_cfg, (".parquet",))
-    hi, lo, summary = index_parts(parts, storage_cfg)
+    hi, lo, summary, _ = index_parts(parts, storage_cfg)
     index, summary.duplicates = IdIndex.from_hashes(hi, lo)
     for uri in summary.unreadable:
         delete(uri, storage_cfg)

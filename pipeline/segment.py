@@ -205,6 +205,11 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
             "total_wall_s": time.monotonic() - t0,
         },
         "outputs": {"masks": f"{cfg.write.output_uri.rstrip('/')}/{MASKS_DIR}/"},
+        "next": (
+            f"re-run the same command: it processes the {after.retryable} retryable rows again"
+            if after.retryable
+            else None
+        ),
         "versions": _versions(),
     }
     if cfg.evaluate and job_plan.labelled:

@@ -395,6 +395,7 @@ def test_crf_refiner_on_a_hand_built_batch():
     assert out[S.ERROR][0] is None and out[S.ERROR][1] == "not an image"
     assert "probs: expected finite values" in out[S.ERROR][2]
     assert "too small" in out[S.ERROR][3]  # logits cover 9 rows*8: can't crop a 40-row image
+    assert not out[S.RETRYABLE].any()  # bad inputs are permanent errors
     assert out[S.MASK].dtype == object and all(out[S.MASK][i].shape == (0, 0) for i in (1, 2, 3))
 
     probs = torch.softmax(

@@ -62,6 +62,7 @@ def _row(
         "width": None if mask is None else mask.shape[1],
         "status": status,
         "error": error,
+        "retryable": False,
         "mask_png": None if mask is None else _png(mask),
         "raw_mask_png": None if raw is None else _png(raw),
         "confusion_raw": conf_raw,

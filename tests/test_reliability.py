@@ -413,6 +413,7 @@ def test_transient_errors_are_retried_by_a_rerun_exactly_once(
     assert all(rows[i][S.RETRYABLE] and "SlowDown" in rows[i][S.ERROR] for i in refused)
     assert rows["corrupt"][S.STATUS] == S.ErrorKind.DECODE and not rows["corrupt"][S.RETRYABLE]
     assert manifest["counts"]["retryable"] == 10 and "retryable     10" in printed
+    assert "re-run the same command" in manifest["next"]
 
     code, manifest = segment(local_s3.endpoint_url)
     rows = _rows(out, storage_cfg)

@@ -17,6 +17,7 @@ from typing import Any
 from pipeline import schema as S
 from pipeline.config import JobConfig, resolve_crf
 from pipeline.encode import EncodeConfig
+from pipeline.logs import note_ray_session
 from pipeline.storage import StorageError, StorageOutage, check_access, list_files, read_bytes
 from pipeline.weights import checkpoint_digest, load_checkpoint_bytes
 from pipeline.write import MASKS_DIR, write_manifest
@@ -84,6 +85,7 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> No
     # Ray Data's per-operator progress output floods a non-interactive log; flow.execute logs progress instead.
     DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
+        note_ray_session()  # the summary names the session's logs folder
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
@@ -91,6 +93,7 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> No
     else:
         num_cpus = local_cpus or max(5, os.cpu_count() or 1)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    note_ray_session()
 
 
 def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:

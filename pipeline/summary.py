@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["format_summary", "print_summary"]
+__all__ = ["format_summary", "print_summary", "print_logs_line"]
 
 
 def _pct(value: float | None) -> str:
@@ -36,3 +36,13 @@ def format_summary(manifest: dict) -> str:
 
 def print_summary(manifest: dict) -> None:
     print(format_summary(manifest), flush=True)
+    print_logs_line()
+
+
+def print_logs_line() -> None:
+    """Where Ray's warnings and internals went (pipeline/logs.py), as the summary's last line."""
+    from pipeline.logs import logs_line
+
+    line = logs_line()
+    if line:
+        print(line, flush=True)

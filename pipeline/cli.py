@@ -40,18 +40,27 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
         "--config", help="job YAML (keys: input, output, model, read, write, dcnn, crf, pools, ...)"
     )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the inputs and what is done, plan the pools, then stop: nothing runs, nothing is written",
+    )
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from pipeline.config import load_job_config_from_args
-    from pipeline.segment import run_segment
-    from pipeline.summary import print_summary
+    from pipeline.segment import dry_run_segment, run_segment
+    from pipeline.summary import format_dry_run, print_logs_line, print_summary
 
     cfg, crf_raw = load_job_config_from_args(args)
     if args.no_crf:
         crf_raw = {"enabled": False}
     if args.no_evaluate:
         cfg = cfg.__class__(**{**cfg.__dict__, "evaluate": False})
+    if args.dry_run:
+        print(format_dry_run(dry_run_segment(cfg, crf_raw, address=args.address)), flush=True)
+        print_logs_line()
+        return 0
     from pipeline.segment import StorageDown
 
     try:

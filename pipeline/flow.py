@@ -301,10 +301,17 @@ class JobPlan:
 
 
 def plan_job(
-    read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, done_ref, retry_ref=None
+    read_cfg: ReadConfig,
+    output_uri: str,
+    storage_cfg: StorageConfig,
+    done_ref,
+    retry_ref=None,
+    *,
+    write_files: bool = True,
 ) -> JobPlan:
     """List every input in Ray tasks (breadth first over units) into OUTPUT/_plan/, minus what ``done_ref`` holds
-    (plus the rows ``retry_ref`` names, to be superseded)."""
+    (plus the rows ``retry_ref`` names, to be superseded). ``write_files=False``: counts only, OUTPUT untouched
+    (``--dry-run``)."""
     fmt = read_cfg.input_format
     if fmt == "auto":
         fmt = detect_format(read_cfg.input_uri, storage_cfg)
@@ -314,7 +321,8 @@ def plan_job(
         split_ids = frozenset(read_split(read_cfg.input_uri, read_cfg.split, storage_cfg))
     split_ref = ray.put(split_ids)
     plan_uri = join(output_uri, PLAN_DIR)
-    delete_tree(plan_uri, storage_cfg)  # the last run's plan; this run lists afresh
+    if write_files:
+        delete_tree(plan_uri, storage_cfg)  # the last run's plan; this run lists afresh
 
     def submit(unit: tuple[str, str]):
         return _plan_task.remote(
@@ -326,6 +334,7 @@ def plan_job(
             split_ref,
             retry_ref,
             todo_rows_per_file=read_cfg.items_per_block,
+            write_files=write_files,
         )
 
     pending = [submit(u) for u in root_units(source, storage_cfg)]

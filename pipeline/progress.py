@@ -10,6 +10,7 @@ Not a terminal (jobs, CI, pipes): the log line ``progress: D/T images (R images/
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,13 @@ def choose_mode(stream: TextIO | None = None) -> str:
         return BAR if stream.isatty() else LINES
     except (AttributeError, ValueError):
         return LINES
+
+
+def _columns(stream: TextIO) -> int:
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def _errors_text(errors: Mapping[str, int]) -> str:
@@ -85,17 +93,21 @@ class Progress:
         if mode == BAR:
             from tqdm import tqdm
 
+            out = stream or logs.user_stream()
+            sized = _columns(out) > 0  # a terminal of unknown width (0 columns) would get an empty bar
             self._bar = tqdm(
                 total=self.total,
                 unit=" img",
-                file=stream or logs.user_stream(),
-                dynamic_ncols=True,
+                file=out,
+                dynamic_ncols=sized,
+                ncols=None if sized else 100,
+                nrows=None if sized else 20,
                 mininterval=0.2,
                 smoothing=0.1,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}",
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
                 desc="segment",
             )
-            self._bar.set_postfix_str("0 errors", refresh=True)
+            self._bar.set_postfix_str(self._errors_postfix(), refresh=True)
         if mode != OFF:  # the bar's clock and ETA move, and lines keep coming, while no part arrives
             self._ticker = threading.Thread(target=self._tick, name="deeplab-progress", daemon=True)
             self._ticker.start()
@@ -139,7 +151,7 @@ class Progress:
         self.close()
 
     def _errors_postfix(self) -> str:
-        return f"{self.num_errors} errors" + (f" ({_errors_text(self.errors)})" if self.errors else "")
+        return f"errors {self.num_errors}" + (f" ({_errors_text(self.errors)})" if self.errors else "")
 
     def _line(self) -> None:  # with the lock held
         self._last_line = time.monotonic()

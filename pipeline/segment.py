@@ -92,7 +92,8 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> No
         ray.init(address=address, log_to_driver=False)
     else:
         num_cpus = local_cpus or max(5, os.cpu_count() or 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        # "local": a new instance even when `ray start` left a cluster on this machine (/tmp/ray/ray_current_cluster)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     note_ray_session()
 
 

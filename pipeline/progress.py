@@ -104,7 +104,7 @@ class Progress:
                 nrows=None if sized else 20,
                 mininterval=0.2,
                 smoothing=0.1,
-                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]",
                 desc="segment",
             )
             self._bar.set_postfix_str(self._errors_postfix(), refresh=True)

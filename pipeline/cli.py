@@ -49,6 +49,7 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from pipeline.config import load_job_config_from_args
+    from pipeline.logs import user_stream
     from pipeline.segment import dry_run_segment, run_segment
     from pipeline.summary import format_dry_run, print_logs_line, print_summary
 
@@ -68,7 +69,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     except (
         StorageDown
     ) as e:  # EX_TEMPFAIL as below: storage went down; the same command resumes once it is back
-        print(f"deeplab segment: error: {e}", file=sys.stderr)
+        print(f"deeplab segment: error: {e}", file=user_stream())  # not into the log file
         return 75
     print_summary(manifest)
     # EX_TEMPFAIL: every image has its row, but some failed for reasons a re-run may not meet (storage, memory).

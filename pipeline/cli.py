@@ -198,7 +198,7 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         _FLAG_LOG,
         metavar="PATH",
-        help="where Ray's output goes (default: <tmp>/deeplab/logs/..., demo: WORKDIR)",
+        help="where Ray's output goes (default: <tmp>/deeplab-<uid>/logs/..., demo: WORKDIR)",
     )
 
 

@@ -87,9 +87,10 @@ def logs_line() -> str | None:
 
 
 def default_log_path(command: str) -> str:
-    """``$DEEPLAB_LOG_DIR`` (default ``<tmp>/deeplab/logs``) ``/<command>-<UTC time>-<pid>.log``: local, so an
-    output on S3 needs no log object, and one file per run."""
-    root = Path(os.environ.get(LOG_DIR_ENV) or Path(tempfile.gettempdir()) / "deeplab" / "logs")
+    """``$DEEPLAB_LOG_DIR`` (default ``<tmp>/deeplab-<uid>/logs``) ``/<command>-<UTC time>-<pid>.log``: local, so
+    an output on S3 needs no log object; one file per run; per user (a shared /tmp)."""
+    default = Path(tempfile.gettempdir()) / f"deeplab-{os.getuid()}" / "logs"
+    root = Path(os.environ.get(LOG_DIR_ENV) or default)
     return str(root / f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{os.getpid()}.log")
 
 
@@ -170,7 +171,8 @@ def command_output(
         )  # fmt: skip
     else:
         user = orig_err
-    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    # 0600: the file holds what the terminal used to show; for the user's eyes only
+    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(log_fd, 2)  # C++ writes (Ray's core worker) and child processes that inherit stderr
     os.close(log_fd)
     log_stream = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115

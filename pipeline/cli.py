@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -39,18 +40,28 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
         "--config", help="job YAML (keys: input, output, model, read, write, dcnn, crf, pools, ...)"
     )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the inputs and what is done, plan the pools, then stop: nothing runs, nothing is written",
+    )
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from pipeline.config import load_job_config_from_args
-    from pipeline.segment import run_segment
-    from pipeline.summary import print_summary
+    from pipeline.logs import user_stream
+    from pipeline.segment import dry_run_segment, run_segment
+    from pipeline.summary import format_dry_run, print_logs_line, print_summary
 
     cfg, crf_raw = load_job_config_from_args(args)
     if args.no_crf:
         crf_raw = {"enabled": False}
     if args.no_evaluate:
         cfg = cfg.__class__(**{**cfg.__dict__, "evaluate": False})
+    if args.dry_run:
+        print(format_dry_run(dry_run_segment(cfg, crf_raw, address=args.address)), flush=True)
+        print_logs_line()
+        return 0
     from pipeline.segment import StorageDown
 
     try:
@@ -58,7 +69,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     except (
         StorageDown
     ) as e:  # EX_TEMPFAIL as below: storage went down; the same command resumes once it is back
-        print(f"deeplab segment: error: {e}", file=sys.stderr)
+        print(f"deeplab segment: error: {e}", file=user_stream())  # not into the log file
         return 75
     print_summary(manifest)
     # EX_TEMPFAIL: every image has its row, but some failed for reasons a re-run may not meet (storage, memory).
@@ -75,8 +86,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.evaluate import evaluate_output
     from pipeline.storage import StorageConfig
+    from pipeline.summary import print_logs_line
 
     storage = StorageConfig.from_env(endpoint_url=args.endpoint_url)
+    if (
+        not args.no_ray
+    ):  # our init (no worker logs on the driver, progress bars off), not Ray Data's default one
+        from pipeline.segment import init_ray
+
+        init_ray(args.address)
     metrics = evaluate_output(
         args.masks, storage_cfg=storage, labels_uri=args.labels, use_ray=not args.no_ray
     )
@@ -86,6 +104,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"mean IoU  raw {100 * (metrics['raw']['mean_iou'] or 0):.2f}  crf {100 * (crf.get('mean_iou') or 0):.2f}"
     )
     print(f"report: {args.masks.rstrip('/')}/report/")
+    print_logs_line()
     return 0
 
 
@@ -108,17 +127,19 @@ def cmd_import_caffe(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deeplab", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    _output_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="local Ray + local S3 + generated scenes + shipped model, end to end")
     p.add_argument("--workdir", default=None, help="where outputs and logs go (default: a new temp dir)")
     p.add_argument("--count", type=int, default=None, help="number of generated scenes (default 48)")
     p.add_argument("--size", default=None, help="scene size WxH (default 160x120, the shipped model's)")
+    _output_flags(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("segment", help="segment a dataset into Parquet masks (+ metrics when labels exist)")
     _segment_args(p)
+    _output_flags(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("evaluate", help="recompute metrics and the report from a segment output")
@@ -126,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", help="label prefix (default: each row's label_source)")
     p.add_argument("--endpoint-url")
     p.add_argument("--no-ray", action="store_true", help="single process")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
+    _output_flags(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -160,10 +183,61 @@ PASSTHROUGH = {
 }
 
 
+# Commands whose output is routed (pipeline/logs.py): only our lines on the terminal, Ray's in a log file.
+ROUTED = ("segment", "evaluate", "demo", "tune-crf", "export")
+_FLAG_VERBOSE, _FLAG_QUIET, _FLAG_LOG = ("-v", "--verbose"), ("-q", "--quiet"), "--log-file"
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    """For --help only: main() takes these out of argv before parsing (they go before or after the command)."""
+    g = p.add_argument_group("output")
+    g.add_argument(
+        *_FLAG_VERBOSE, action="store_true", help="Ray's logs and warnings too, debug level, tracebacks"
+    )
+    g.add_argument(*_FLAG_QUIET, action="store_true", help="only the summary and errors (no progress)")
+    g.add_argument(
+        _FLAG_LOG,
+        metavar="PATH",
+        help="where Ray's output goes (default: <tmp>/deeplab-<uid>/logs/..., demo: WORKDIR)",
+    )
+
+
+def split_output_flags(argv: list[str]) -> tuple[list[str], dict]:
+    """(argv without the output flags, {"verbose", "quiet", "log_file"}). Flags before the command count for every
+    command; after it only for the routed ones (others may pass them on, e.g. ``submit``'s job arguments)."""
+    opts: dict = {"verbose": False, "quiet": False, "log_file": None}
+    rest: list[str] = []
+    i, command = 0, None
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--" or (command is not None and command not in ROUTED):
+            rest.extend(argv[i:])
+            break
+        if tok in _FLAG_VERBOSE:
+            opts["verbose"] = True
+        elif tok in _FLAG_QUIET:
+            opts["quiet"] = True
+        elif tok == _FLAG_LOG and i + 1 < len(argv):
+            opts["log_file"], i = argv[i + 1], i + 1
+        elif tok.startswith(_FLAG_LOG + "="):
+            opts["log_file"] = tok.split("=", 1)[1]
+        else:
+            if command is None and not tok.startswith("-"):
+                command = tok
+            rest.append(tok)
+        i += 1
+    return rest, opts
+
+
 def main(argv: list[str] | None = None) -> int:
+    from pipeline import logs
+
     argv = sys.argv[1:] if argv is None else argv
-    verbose = bool(argv) and argv[0] in ("-v", "--verbose")  # before the subcommand
-    rest = argv[1:] if verbose else argv
+    rest, opts = split_output_flags(argv)
+    verbose = opts["verbose"]
+    if verbose and opts["quiet"]:
+        print("deeplab: error: --verbose and --quiet exclude each other", file=sys.stderr)
+        return 2
     if rest and rest[0] in PASSTHROUGH:
         import importlib
 
@@ -171,20 +245,31 @@ def main(argv: list[str] | None = None) -> int:
         call = getattr(importlib.import_module(module), func)
         args = argparse.Namespace(verbose=verbose, command=rest[0], func=lambda _: int(call(rest[1:]) or 0))
     else:
-        args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    if not verbose:  # our own progress lines replace Ray Data's per-operator logging
-        for name in ("ray.data", "botocore.credentials"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        args = build_parser().parse_args(rest)
+        args.verbose = verbose
     from pipeline.config import ConfigError
     from pipeline.segment import JobError
     from pipeline.storage import StorageError, redact
 
     try:
+        if args.command in ROUTED:
+            mode = logs.VERBOSE if verbose else logs.QUIET if opts["quiet"] else logs.NORMAL
+            log_file = opts["log_file"]
+            if args.command == "demo" and not verbose:  # the demo keeps its log beside its outputs
+                import tempfile
+
+                args.workdir = args.workdir or tempfile.mkdtemp(prefix="deeplab-demo-")
+                log_file = log_file or str(Path(args.workdir) / "deeplab.log")
+            with logs.command_output(mode, log_path=log_file, command=args.command):
+                return args.func(args)
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+        if not verbose:
+            for name in ("ray.data", "botocore.credentials"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         return args.func(args)
     except (ConfigError, JobError, StorageError) as e:
         if args.verbose:

@@ -39,11 +39,13 @@ def _parse_size(size: str) -> tuple[int, int]:
 def run_demo(*, workdir: str | None = None, count: int = DEMO_COUNT, size: str = DEMO_SIZE) -> int:
     import ray
 
+    from pipeline import logs
     from pipeline.scenes import write_voc_dataset
     from pipeline.segment import init_ray, load_model_meta, run_segment
     from pipeline.summary import format_summary
 
     width, height = _parse_size(size)
+    say = (lambda _: None) if logs.output_mode() == logs.QUIET else (lambda text: print(text, flush=True))
     work = Path(workdir or tempfile.mkdtemp(prefix="deeplab-demo-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     for key, value in LOCAL_S3_ENV.items():  # placeholder credentials for moto; Ray workers inherit them
@@ -60,7 +62,7 @@ def run_demo(*, workdir: str | None = None, count: int = DEMO_COUNT, size: str =
             storage={"endpoint_url": s3.endpoint_url},
         )
         meta, _ = load_model_meta(cfg)
-        print(
+        say(
             f"[1/3] generating {count} scenes ({width}x{height}, {meta['num_classes']} classes) -> {input_uri}"
         )
         write_voc_dataset(
@@ -71,7 +73,7 @@ def run_demo(*, workdir: str | None = None, count: int = DEMO_COUNT, size: str =
             seed=DEMO_SEED,
             storage_cfg=storage,
         )
-        print(
+        say(
             f"[2/3] segmenting on local Ray with {DEMO_CHECKPOINT.name} (DCNN actors -> CRF actors -> Parquet)"
         )
         init_ray()
@@ -79,10 +81,15 @@ def run_demo(*, workdir: str | None = None, count: int = DEMO_COUNT, size: str =
             manifest = run_segment(cfg, crf_raw)
         finally:
             ray.shutdown()
-        print(f"[3/3] copying the output to {work / 'output'}")
+        say(f"[3/3] copying the output to {work / 'output'}")
         for uri in list_files(output_uri, storage):
             write_bytes(str(work / "output" / uri[len(output_uri) + 1 :]), read_bytes(uri, storage), storage)
     local_out = work / "output"
     summary = format_summary(manifest).replace(f"{output_uri}/", f"{local_out}/")
-    print(f"\n{summary}\nworkdir       {work} (demo finished in {time.monotonic() - t0:.0f} s)")
+    lines = [
+        summary,
+        f"workdir       {work} (demo finished in {time.monotonic() - t0:.0f} s)",
+        logs.logs_line(),
+    ]
+    print("\n" + "\n".join(line for line in lines if line), flush=True)
     return 0

@@ -34,7 +34,6 @@ import csv
 import io
 import json
 import logging
-import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -535,7 +534,9 @@ def export_main(argv: list[str] | None = None) -> int:
             address=args.address,
         )
     except ExportError as e:
-        print(f"deeplab export: error: {storage.redact(str(e))}", file=sys.stderr)
+        from pipeline.logs import user_stream
+
+        print(f"deeplab export: error: {storage.redact(str(e))}", file=user_stream())  # not into the log file
         return 2
     what = "DCNN" if args.raw else "final"
     done = result["coco_json"] or args.dest
@@ -547,4 +548,7 @@ def export_main(argv: list[str] | None = None) -> int:
             print(f"  {e[ID]}  {e[STATUS]}  {e[ERROR] or ''}")
         if len(result["errors"]) > 10:
             print(f"  ... {len(result['errors']) - 10} more")
+    from pipeline.summary import print_logs_line
+
+    print_logs_line()
     return 1 if result["failed"] else 0

@@ -35,6 +35,7 @@ from pipeline.plan import (
     read_split,
     root_units,
 )
+from pipeline.progress import Progress
 from pipeline.read import fetch_batch
 from pipeline.storage import StorageConfig, delete, delete_tree, join, list_files
 from pipeline.write import (
@@ -300,10 +301,17 @@ class JobPlan:
 
 
 def plan_job(
-    read_cfg: ReadConfig, output_uri: str, storage_cfg: StorageConfig, done_ref, retry_ref=None
+    read_cfg: ReadConfig,
+    output_uri: str,
+    storage_cfg: StorageConfig,
+    done_ref,
+    retry_ref=None,
+    *,
+    write_files: bool = True,
 ) -> JobPlan:
     """List every input in Ray tasks (breadth first over units) into OUTPUT/_plan/, minus what ``done_ref`` holds
-    (plus the rows ``retry_ref`` names, to be superseded)."""
+    (plus the rows ``retry_ref`` names, to be superseded). ``write_files=False``: counts only, OUTPUT untouched
+    (``--dry-run``)."""
     fmt = read_cfg.input_format
     if fmt == "auto":
         fmt = detect_format(read_cfg.input_uri, storage_cfg)
@@ -313,7 +321,8 @@ def plan_job(
         split_ids = frozenset(read_split(read_cfg.input_uri, read_cfg.split, storage_cfg))
     split_ref = ray.put(split_ids)
     plan_uri = join(output_uri, PLAN_DIR)
-    delete_tree(plan_uri, storage_cfg)  # the last run's plan; this run lists afresh
+    if write_files:
+        delete_tree(plan_uri, storage_cfg)  # the last run's plan; this run lists afresh
 
     def submit(unit: tuple[str, str]):
         return _plan_task.remote(
@@ -325,6 +334,7 @@ def plan_job(
             split_ref,
             retry_ref,
             todo_rows_per_file=read_cfg.items_per_block,
+            write_files=write_files,
         )
 
     pending = [submit(u) for u in root_units(source, storage_cfg)]
@@ -402,30 +412,31 @@ def _concat(batches: list[dict]) -> dict:
     return out
 
 
-def execute(ds: ray.data.Dataset, total: int, *, log_every_s: float = 10.0) -> dict:
+def execute(
+    ds: ray.data.Dataset, total: int, *, log_every_s: float = 10.0, progress: Progress | None = None
+) -> dict:
     """Stream the dataset to completion; return counts, timings and the nodes each stage ran on.
 
-    The driver sees one summary row per committed part (write.part_summary), never a row per image.
+    The driver sees one summary row per committed part (write.part_summary), never a row per image. Each part
+    feeds ``progress`` (default: a bar in a terminal, else a line every ``log_every_s``; pipeline/progress.py).
     """
     counts: Counter = Counter()
     nodes: dict[str, set] = {c: set() for c in S.NODE_COLUMNS}
     stage_s: Counter = Counter()
-    done, parts, retryable, t0, last = 0, 0, 0, time.monotonic(), time.monotonic()
-    for part in ds.iter_rows():
-        parts += 1
-        done += int(part["rows"])
-        retryable += int(part["retryable"])
-        counts.update(json.loads(part["status_counts"]))
-        for c in S.NODE_COLUMNS:
-            nodes[c].update(n for n in str(part[c]).split(",") if n)
-        for c in S.TIMING_COLUMNS:
-            stage_s[c] += float(part[c])
-        if time.monotonic() - last > log_every_s:
-            last = time.monotonic()
-            rate = done / (last - t0)
-            log.info(
-                "progress: %d/%d images (%.2f images/s, %d errors)", done, total, rate, done - counts[S.OK]
-            )
+    done, parts, retryable, t0 = 0, 0, 0, time.monotonic()
+    progress = progress or Progress(total, every_s=log_every_s)
+    with progress:
+        for part in ds.iter_rows():
+            parts += 1
+            done += int(part["rows"])
+            retryable += int(part["retryable"])
+            part_counts = json.loads(part["status_counts"])
+            counts.update(part_counts)
+            for c in S.NODE_COLUMNS:
+                nodes[c].update(n for n in str(part[c]).split(",") if n)
+            for c in S.TIMING_COLUMNS:
+                stage_s[c] += float(part[c])
+            progress.update(int(part["rows"]), part_counts)
     wall = time.monotonic() - t0
     return {
         "processed": done,

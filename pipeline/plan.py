@@ -375,8 +375,11 @@ def plan_unit(
     retry: RetryIndex | None = None,
     *,
     todo_rows_per_file: int = 250,
+    write_files: bool = True,
 ) -> UnitResult:
     """List one unit, drop what ``done`` holds (unless ``retry`` names its row), write its plan files; return counts.
+
+    ``write_files=False`` (``deeplab segment --dry-run``): the same counts, nothing written.
 
     ``todo/`` files hold ``todo_rows_per_file`` items (read.items_per_block): each is one block of the job, read by
     a short task that needs no CPU slot. ``inputs/`` files hold up to PLAN_ROWS_PER_FILE ids for the final check.
@@ -391,6 +394,8 @@ def plan_unit(
     with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
 
         def write(table: pa.Table, name: str) -> None:
+            if not write_files:
+                return
             in_flight.append(pool.submit(_write_table, table, f"{plan_uri}/{name}", storage_cfg))
             while len(in_flight) > 4 * _WRITE_THREADS:
                 in_flight.pop(0).result()

@@ -417,16 +417,16 @@ def write_voc_dataset(
     val_fraction: float = 0.2,
     storage_cfg: StorageConfig | None = None,
     jpeg_quality: int = 90,
-    shape_names: bool = False,
+    shape_names: bool = True,
 ) -> dict:
     """Write ``count`` scenes as a VOC layout under ``output`` (local dir or s3:// prefix). ``size`` is (W, H).
 
     Files: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``, ``ImageSets/Segmentation/{train,val}.txt``,
     and ``dataset.json`` (num_classes, class_names; not VOC, read by ``deeplab shard`` and training).
     Same arguments, same bytes. Returns ``{"train": [ids], "val": [ids], "num_classes", "class_names", ...}``.
-    ``shape_names``: name the classes after what they draw (``scene_class_names``: background, blob, pole, ...)
-    instead of ``schema.class_names`` (VOC's names at 21 classes, else class_1 ...); shards and training take the
-    names from ``dataset.json``, so they end up in the trained checkpoint and in every report.
+    ``shape_names`` (default): name the classes after what they draw (``scene_class_names``: background, blob,
+    pole, ...); False: ``schema.class_names`` (VOC's names at 21 classes, else class_1 ...). Shards and training
+    take the names from ``dataset.json``, so they end up in the trained checkpoint and in every report.
     """
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
@@ -493,9 +493,9 @@ def make_scenes_main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--class-names",
         choices=("generic", "shapes"),
-        default="generic",
-        help="names in dataset.json: 'shapes' = what each class draws (background, blob, pole, rect, ...); "
-        "'generic' = VOC's names at 21 classes, else class_1 ... (default)",
+        default="shapes",
+        help="names in dataset.json: 'shapes' = what each class draws (background, blob, pole, rect, ...; "
+        "default); 'generic' = VOC's names at 21 classes, else class_1 ...",
     )
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint (default: AWS_ENDPOINT_URL or AWS)")
     args = p.parse_args(argv)

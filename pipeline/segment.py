@@ -17,11 +17,12 @@ from typing import Any
 from pipeline import schema as S
 from pipeline.config import JobConfig, resolve_crf
 from pipeline.encode import EncodeConfig
+from pipeline.logs import note_ray_session
 from pipeline.storage import StorageError, StorageOutage, check_access, list_files, read_bytes
 from pipeline.weights import checkpoint_digest, load_checkpoint_bytes
 from pipeline.write import MASKS_DIR, write_manifest
 
-__all__ = ["JobError", "StorageDown", "run_segment"]
+__all__ = ["JobError", "StorageDown", "run_segment", "dry_run_segment"]
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,16 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> No
     # Ray Data's per-operator progress output floods a non-interactive log; flow.execute logs progress instead.
     DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
+        note_ray_session()  # the summary names the session's logs folder
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
         num_cpus = local_cpus or max(5, os.cpu_count() or 1)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        # "local": a new instance even when `ray start` left a cluster on this machine (/tmp/ray/ray_current_cluster)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    note_ray_session()
 
 
 def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:
@@ -225,3 +229,57 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
         }
     write_manifest(cfg.write.output_uri, manifest, cfg.storage)
     return manifest
+
+
+def dry_run_segment(
+    cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None
+) -> dict:
+    """``deeplab segment --dry-run``: what a run would do (inputs found, done, to do, pools), running nothing.
+
+    The same checks and listing as ``run_segment`` (on Ray: listing tasks, the done index), but plan files are not
+    written, the last run's plan, unreadable parts and rows a killed run left aside to supersede are left where they
+    are, and no stage starts. Duplicate manifest ids are checked by a real run only (that check reads the plan's
+    files); "done" counts committed rows as they are (a run first applies the rows left aside).
+    """
+    import ray
+
+    from pipeline.flow import index_files, plan_job, plan_pools
+    from pipeline.storage import join
+
+    try:
+        check_access(cfg.read.input_uri, cfg.storage, what="input")
+        check_access(cfg.write.output_uri, cfg.storage, what="output")
+    except StorageError as e:
+        raise JobError(str(e)) from e
+    meta, digest = load_model_meta(cfg)
+    cfg = resolve_crf(cfg, meta["variant"], crf_raw or {})
+    init_ray(address)
+    parts = list_files(join(cfg.write.output_uri, MASKS_DIR), cfg.storage, (".parquet",))
+    # Not index_output: it applies rows a killed run left aside and deletes unreadable parts (a run does both).
+    done_ref, retry_ref, before = index_files(parts, cfg.storage, retry=cfg.write.retry_errors)
+    try:
+        job_plan = plan_job(
+            cfg.read, cfg.write.output_uri, cfg.storage, done_ref, retry_ref, write_files=False
+        )
+    except (OSError, ValueError, KeyError) as e:
+        cause = getattr(e, "cause", None) or e
+        raise JobError(f"cannot list the inputs under {cfg.read.input_uri}: {cause}") from e
+    resources = ray.cluster_resources()
+    plan = plan_pools(resources, cfg.pools, crf_enabled=cfg.crf is not None)
+    return {
+        "input": cfg.read.input_uri,
+        "output": cfg.write.output_uri,
+        "input_format": job_plan.fmt,
+        "inputs": job_plan.inputs,
+        "labelled": job_plan.labelled,
+        "listing_tasks": job_plan.units,
+        "done": job_plan.inputs - job_plan.todo,
+        "todo": job_plan.todo,
+        "retried": job_plan.retried,
+        "rows_before": before.rows,
+        "unreadable_parts": len(before.unreadable),
+        "model": {"variant": meta["variant"], "num_classes": meta["num_classes"], "digest": digest},
+        "crf": cfg.crf is not None,
+        "pools": dataclasses.asdict(plan),
+        "cluster": {"CPU": resources.get("CPU", 0), "GPU": resources.get("GPU", 0)},
+    }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["format_summary", "print_summary"]
+__all__ = ["format_summary", "print_summary", "format_dry_run", "print_logs_line"]
 
 
 def _pct(value: float | None) -> str:
@@ -34,5 +34,43 @@ def format_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def format_dry_run(plan: dict) -> str:
+    """``deeplab segment --dry-run``'s report (segment.dry_run_segment's dict)."""
+    pools, cluster = plan["pools"], plan["cluster"]
+    dcnn = (
+        f"DCNN {pools['dcnn_size'][0]}-{pools['dcnn_size'][1]} actors x "
+        f"({pools['dcnn_num_cpus']:g} CPU, {pools['dcnn_num_gpus']:g} GPU)"
+    )
+    crf = f"CRF {pools['crf_size'][0]}-{pools['crf_size'][1]} actors x 1 CPU" if plan["crf"] else "CRF off"
+    extra = (
+        f"; {plan['unreadable_parts']} unreadable parts (a run removes them)"
+        if plan["unreadable_parts"]
+        else ""
+    )
+    model = plan["model"]
+    return "\n".join(
+        [
+            "dry run       nothing was run or written",
+            f"inputs        {plan['inputs']} found under {plan['input']} ({plan['input_format']}, "
+            f"{plan['labelled']} labelled, {plan['listing_tasks']} listing tasks)",
+            f"done          {plan['done']} ({plan['rows_before']} rows under {plan['output'].rstrip('/')}/masks/{extra})",
+            f"to do         {plan['todo']}"
+            + (f" ({plan['retried']} of them error rows to retry)" if plan.get("retried") else ""),
+            f"pools         {dcnn}; {crf} (cluster: {cluster['CPU']:g} CPU, {cluster['GPU']:g} GPU)",
+            f"model         {model['variant']} sha256:{model['digest'][:12]}, {model['num_classes']} classes",
+        ]
+    )
+
+
 def print_summary(manifest: dict) -> None:
     print(format_summary(manifest), flush=True)
+    print_logs_line()
+
+
+def print_logs_line() -> None:
+    """Where Ray's warnings and internals went (pipeline/logs.py), as the summary's last line."""
+    from pipeline.logs import logs_line
+
+    line = logs_line()
+    if line:
+        print(line, flush=True)

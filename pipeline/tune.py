@@ -1171,4 +1171,7 @@ def tune_main(argv: list[str] | None = None) -> int:
         f"mean IoU  default {100 * (doc['default']['mean_iou'] or 0):.2f}  tuned {100 * doc['best']['mean_iou']:.2f}"
     )
     print(f"crf config: {result.outputs['crf.yaml']}")
+    from pipeline.summary import print_logs_line
+
+    print_logs_line()
     return 0

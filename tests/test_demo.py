@@ -74,6 +74,21 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path):
     assert (output / "report" / "report.html").read_text().count("data:image/png;base64,") >= 3
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["counts"]["rows"] == 6
+    # Only the project's own lines (issue 18): none of Ray's warnings or internals on the terminal; they went to
+    # the log file the summary names, beside the outputs.
+    said = out + proc.stderr
+    for internal in ("core_worker", "Progress bars", "Warning", "token", "Execution plan", "streaming_executor",
+                     "worker.py", "warnings.warn", "ray-data", "Started a local Ray"):  # fmt: skip
+        assert internal not in said, (internal, said)
+    own = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR) (pipeline|deeplab|jobs)[\w.]*: ")
+    assert all(own.match(line) for line in proc.stderr.splitlines()), proc.stderr
+    assert re.search(r"progress: 6/6 images \([\d.]+ images/s, done, 0 errors\)", proc.stderr), proc.stderr
+    logs_line = re.search(r"^logs\s+(\S+) \(Ray session logs: (\S+)\)$", out, re.M)
+    assert logs_line and logs_line.group(1) == str(tmp_path / "deeplab.log"), out
+    logged = (tmp_path / "deeplab.log").read_text()
+    assert "Started a local Ray instance" in logged and "streaming_executor" in logged  # Ray's, routed here
+    assert "pipeline.segment: 6 inputs" in logged  # and ours as well: the file is the whole story
+
     # The moto server was stopped: nothing listens on its port any more.
     port = int(re.search(r"127\.0\.0\.1:(\d+)", proc.stderr).group(1))
     import socket

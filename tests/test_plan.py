@@ -65,6 +65,10 @@ def test_plan_unit_writes_todo_without_done_ids_and_every_input(tmp_path):
     assert (result.inputs, result.todo, result.labelled) == (5, 3, 0)
     assert [r[S.ID] for r in _plan_rows(plan_uri, "todo", LOCAL)] == ["img0", "img2", "img4"]
     assert [r[S.ID] for r in _plan_rows(plan_uri, "inputs", LOCAL)] == [f"img{i}" for i in range(5)]
+    # write_files=False (segment --dry-run): the same counts, no file
+    dry_uri = str(tmp_path / "_dry")
+    dry = plan_unit(PlanSource("images", str(root)), ("dir", ""), done, dry_uri, LOCAL, write_files=False)
+    assert (dry.inputs, dry.todo, dry.labelled) == (5, 3, 0) and not (tmp_path / "_dry").exists()
 
 
 def test_id_index_membership_and_duplicates():

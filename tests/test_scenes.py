@@ -95,14 +95,17 @@ def test_scene_class_names_say_what_each_class_draws():
         scenes.scene_class_names(1)
 
 
-def test_make_scenes_cli_writes_shape_names_on_request(tmp_path):
+def test_make_scenes_names_classes_after_their_shapes_by_default(tmp_path):
     import json
 
     assert scenes.make_scenes_main(["--output", str(tmp_path / "s"), "--count", "1", "--size", "32x24",
-                                    "--num-classes", "4", "--class-names", "shapes"]) == 0  # fmt: skip
+                                    "--num-classes", "4"]) == 0  # fmt: skip
     meta = json.loads((tmp_path / "s" / "dataset.json").read_text())
     assert meta["class_names"] == ["background", "blob", "pole", "rect"]
-    scenes.write_voc_dataset(str(tmp_path / "g"), count=1, size=(32, 24), num_classes=4)
+    scenes.write_voc_dataset(str(tmp_path / "d"), count=1, size=(32, 24), num_classes=4)
+    assert json.loads((tmp_path / "d" / "dataset.json").read_text())["class_names"][1] == "blob"
+    assert scenes.make_scenes_main(["--output", str(tmp_path / "g"), "--count", "1", "--size", "32x24",
+                                    "--num-classes", "4", "--class-names", "generic"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "g" / "dataset.json").read_text())["class_names"][1] == "class_1"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -261,3 +262,59 @@ def test_resume_after_kill_has_no_gaps_and_no_duplicates(local_s3, checkpoint, s
     for image_id, row in partial.items():  # rows committed before the kill are kept, not recomputed
         assert rows[image_id]["mask_png"] == row["mask_png"]
     assert not any(Path(p).name.startswith(".") for p in list_files(masks, storage_cfg))
+
+
+def test_dry_run_reports_found_done_todo_and_pools_and_writes_nothing(
+    ray_local, scenes, checkpoint, storage_cfg, bucket
+):
+    """``segment --dry-run`` on an output that holds the train split: the counts a run would see, nothing written
+    (not the plan, not the output), none of Ray's lines by default; --verbose shows them."""
+    from pipeline.storage import s3_client, split_s3
+
+    cfg, _ = job(scenes, f"{bucket}/out", checkpoint, storage_cfg, split="train", evaluate=False)
+    done = run_segment(cfg, {"enabled": False})["counts"]["rows"]
+    assert 0 < done < 10
+    client, name = s3_client(storage_cfg), split_s3(bucket)[0]
+
+    def objects() -> dict:  # every object of the bucket with its ETag and time: a rewrite shows too
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=name)
+        return {o["Key"]: (o["ETag"], o["LastModified"]) for p in pages for o in p.get("Contents", [])}
+
+    before = objects()
+    assert any(k.startswith("out/_plan/") for k in before) and any(k.startswith("out/masks/") for k in before)
+    address = ray_local.get_runtime_context().gcs_address  # join the test cluster: no Ray start-up
+    cmd = [sys.executable, "-m", "pipeline.cli", "segment", "--input", scenes, "--model", checkpoint,
+           "--endpoint-url", storage_cfg.endpoint_url, "--address", address, "--dry-run"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    proc = subprocess.run(
+        [*cmd, "--output", f"{bucket}/out"], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert re.search(
+        rf"^inputs\s+10 found under {scenes} \(voc, 10 labelled, \d+ listing tasks\)$", out, re.M
+    ), out
+    assert re.search(rf"^done\s+{done} \({done} rows under {bucket}/out/masks/\)$", out, re.M), out
+    assert re.search(rf"^to do\s+{10 - done}$", out, re.M), out
+    assert re.search(
+        r"^pools\s+DCNN 1-\d+ actors x \(1 CPU, 0 GPU\); CRF \d+-\d+ actors x 1 CPU \(cluster: 4 CPU",
+        out,
+        re.M,
+    )
+    assert "nothing was run or written" in out
+    assert "worker.py" not in proc.stderr and "Connecting to existing Ray cluster" not in proc.stderr
+    assert objects() == before
+
+    proc = subprocess.run(
+        [*cmd, "--output", f"{bucket}/fresh", "--verbose"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^done\s+0 \(0 rows", proc.stdout, re.M) and re.search(
+        r"^to do\s+10$", proc.stdout, re.M
+    )
+    assert "Connecting to existing Ray cluster" in proc.stderr  # Ray's own lines, shown under --verbose
+    assert objects() == before

@@ -20,7 +20,7 @@ def test_shard_round_trip_on_s3(bucket, storage_cfg):
     manifest = shards.shard_dataset(voc, out, images_per_shard=4, storage_cfg=storage_cfg)
     assert [s["count"] for s in manifest["shards"]] == [4, 4, 3]
     assert manifest["num_images"] == 11 and manifest["num_labelled"] == 11
-    assert manifest["num_classes"] == 4 and manifest["class_names"] == scenes.class_names(4)
+    assert manifest["num_classes"] == 4 and manifest["class_names"] == scenes.scene_class_names(4)
     assert shards.read_manifest(out, storage_cfg) == manifest
     seen = collections.Counter()
     for uri in shards.shard_uris(out, manifest):

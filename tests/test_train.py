@@ -85,7 +85,7 @@ def tiny_voc(tmp_path_factory):
 def test_training_steps_reduce_the_loss_and_resume_round_trips(tmp_path, tiny_voc):
     base = TrainConfig(train_input=tiny_voc, output=str(tmp_path / "a"), epochs=3, seed=1, **TINY)
     base = resolve_classes(base, StorageConfig())
-    assert base.num_classes == 3 and base.class_names == ("background", "class_1", "class_2")
+    assert base.num_classes == 3 and base.class_names == ("background", "blob", "pole")
     torch.manual_seed(base.seed)
     initial = build_model(base.variant, num_classes=3, width=base.width)
     train_loop_per_worker({"train": base.to_dict(), "storage": {}})

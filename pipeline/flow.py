@@ -37,7 +37,15 @@ from pipeline.plan import (
 )
 from pipeline.progress import Progress
 from pipeline.read import fetch_batch
-from pipeline.storage import StorageConfig, delete, delete_tree, join, list_files
+from pipeline.storage import (
+    StorageConfig,
+    StorageOutage,
+    delete,
+    delete_tree,
+    is_transient,
+    join,
+    list_files,
+)
 from pipeline.write import (
     MASKS_DIR,
     PartsSummary,
@@ -126,7 +134,17 @@ def encode_rows(batch: dict, encode_cfg: EncodeConfig) -> pa.Table:
 
 
 def write_rows(table: pa.Table, output_uri: str, storage_cfg: StorageConfig) -> pa.Table:
-    return commit_rows(table, output_uri, storage_cfg)  # one summary row per committed part
+    """One summary row per committed part. A commit that storage refuses past its retries stops the job."""
+    try:
+        return commit_rows(table, output_uri, storage_cfg)
+    except Exception as e:
+        if not is_transient(e):
+            raise
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise StorageOutage(
+            f"storage outage: cannot commit a part under {output_uri} ({reason}); re-run the same command when "
+            "storage is back: committed parts are kept"
+        ) from e
 
 
 _RUN_AHEAD_ENV = "RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD"

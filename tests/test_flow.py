@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pytest
 from ray.data import ActorPoolStrategy
 
 from pipeline.flow import bound_run_ahead
@@ -69,3 +70,14 @@ def test_an_explicit_environment_setting_wins(monkeypatch):
     monkeypatch.setenv("RAY_DATA_DOWNSTREAM_CAPACITY_OBJECT_STORE_BUDGET_UTIL_THRESHOLD", "0.3")
     bound_run_ahead()
     assert DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD == 0.3
+
+
+def test_a_part_storage_refuses_stops_the_job_with_a_storage_outage():
+    """A commit that fails past the client's retries (here: nothing listens) is an outage, not a traceback."""
+    from pipeline.flow import write_rows
+    from pipeline.storage import StorageConfig, StorageOutage
+    from tests.test_write import _rows
+
+    down = StorageConfig(endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout_s=1)
+    with pytest.raises(StorageOutage, match=r"^storage outage: cannot commit a part under s3://nowhere/out"):
+        write_rows(_rows(["a"], ["ok"], [False], [""]), "s3://nowhere/out", down)

@@ -74,17 +74,15 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> No
 
 
 def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:
-    import ray
-
     from pipeline.flow import (
         build_dataset,
         execute,
         index_files,
         index_output,
         plan_job,
-        plan_pools,
         verify_output,
     )
+    from pipeline.pools import plan_cluster_pools
 
     t0 = time.monotonic()
     try:
@@ -123,7 +121,7 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
         meta["variant"], digest[:12], "on" if cfg.crf else "off",
     )  # fmt: skip
 
-    plan = plan_pools(ray.cluster_resources(), cfg.pools, crf_enabled=cfg.crf is not None)
+    plan = plan_cluster_pools(cfg.pools, crf_enabled=cfg.crf is not None)
     encode_cfg = EncodeConfig(
         num_classes=meta["num_classes"], model_variant=meta["variant"], model_digest=digest
     )

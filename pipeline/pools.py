@@ -13,7 +13,7 @@ Where each number comes from (in this order):
 The pool maxima follow what the cluster may grow to and the minima what it has, so Ray Data's actor-pool autoscaler
 (which re-reads the cluster's size every second) adds DCNN and CRF actors as nodes join. When the minimum does not
 fit what is present (a fresh head with ``CPU: 0``, the GPU node still booting), ``plan_cluster_pools`` asks the
-autoscaler for the pools' resources and waits up to ``pools.resource_wait_s``; then it fails with the cause in one
+autoscaler for the resources of that minimum and waits up to ``pools.resource_wait_s``; then it fails with the cause in one
 line. It never falls back to the CPU plan when GPUs are expected.
 """
 
@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 _REQUESTER_ID = "deeplab-pipeline.pools"
 _POLL_S = 1.0
-_MAX_REQUEST = 256  # bundles per pool in one autoscaler request
 
 
 @dataclass(frozen=True)
@@ -61,12 +60,15 @@ class PoolPlan:
         return {k: v - float(present.get(k, 0)) for k, v in need.items() if float(present.get(k, 0)) < v}
 
     def bundles(self, *, crf_enabled: bool = True) -> list[dict[str, float]]:
-        """The resource shapes of every actor at the pools' maxima, plus the task slots: what the job will use."""
+        """The resource shapes the job needs to start: the pools' minimum actors and the task slots.
+
+        Not the maxima: nodes asked for beyond that stay up (billed) for the request's lifetime whether or not Ray
+        Data adds actors on them; Ray Data's own cluster autoscaler asks for more as the job's throughput demands.
+        """
         dcnn = {"CPU": self.dcnn_num_cpus, **({"GPU": self.dcnn_num_gpus} if self.dcnn_num_gpus else {})}
         crf = {"CPU": 1.0, **self.crf_resources}
-        # Capped: a node group without a maximum makes the pool maxima unbounded.
-        out = [dict(dcnn) for _ in range(min(self.dcnn_size[1], _MAX_REQUEST))]
-        out += [dict(crf) for _ in range(min(self.crf_size[1], _MAX_REQUEST) if crf_enabled else 0)]
+        out = [dict(dcnn) for _ in range(self.dcnn_size[0])]
+        out += [dict(crf) for _ in range(self.crf_size[0] if crf_enabled else 0)]
         return out + [{"CPU": 1.0} for _ in range(math.ceil(self.task_cpus))]
 
 
@@ -97,7 +99,7 @@ def plan_pools(
 
     Never raises for what is merely not present yet ({"CPU": 0} on a fresh head): the caller waits for
     ``plan.missing(present)``. Raises ConfigError only when the cluster can never hold the minimum pools (known
-    maxima too small, or GPUs required on a cluster that has and may grow to none).
+    autoscaler maxima too small, or GPUs required on a cluster that has and may grow to none).
     """
     from pipeline.config import ConfigError
 
@@ -138,7 +140,7 @@ def plan_pools(
     crf_min = pools.crf_min_actors if crf_enabled else 0
     cpus_max = min(grow.get("CPU", 0.0), float(1 << 20))
     need = pools.dcnn_min_actors * dcnn_cpus + crf_min + tasks(pools.dcnn_min_actors)
-    if source != "present" and need > cpus_max:  # a known ceiling: waiting would not help
+    if maxima and need > cpus_max:  # the autoscaler's ceiling: waiting would not help
         raise ConfigError(
             f"the cluster may grow to {cpus_max:g} CPU slots but the pools need {need:g} "
             f"({pools.dcnn_min_actors} DCNN x {dcnn_cpus:g} + {crf_min} CRF + "
@@ -152,7 +154,7 @@ def plan_pools(
         # ... and CPU slots the DCNN actors and the tasks leave free (a crf node's CPUs may be all there is yet).
         cpu_room_now = present.get("CPU", 0.0) - dcnn_now * dcnn_cpus - tasks(dcnn_now)
         crf_room_now = int(min(present.get(pools.crf_resource, 0.0), cpu_room_now))
-        if crf_enabled and source != "present" and crf_room_max < crf_min:
+        if crf_enabled and maxima and crf_room_max < crf_min:
             raise ConfigError(
                 f"pools.crf_resource={pools.crf_resource!r} but the cluster may grow to {crf_room_max} of it"
             )

@@ -10,11 +10,12 @@ Where each number comes from (in this order):
 - **expected GPUs**: ``pools.require_gpu`` (True: fail unless a GPU comes; False: plan from the GPUs present, never
   wait), else whether the cluster has or may grow to a GPU.
 
-The pool maxima follow what the cluster may grow to and the minima what it has, so Ray Data's actor-pool autoscaler
-(which re-reads the cluster's size every second) adds DCNN and CRF actors as nodes join. When the minimum does not
-fit what is present (a fresh head with ``CPU: 0``, the GPU node still booting), ``plan_cluster_pools`` asks the
-autoscaler for the resources of that minimum and waits up to ``pools.resource_wait_s``; then it fails with the cause in one
-line. It never falls back to the CPU plan when GPUs are expected.
+The pool maxima follow what the cluster may grow to and the minima what it has, so that Ray Data's actor-pool
+autoscaler (which re-reads the cluster's size every second) may add actors on nodes that join; on a small test
+cluster it did not for a running CRF pool (docs/operations.md, "Autoscaling"). When the minimum does not fit what
+is present (a fresh head with ``CPU: 0``, the GPU node still booting), ``plan_cluster_pools`` asks the autoscaler
+for that minimum and waits up to ``pools.resource_wait_s``, then fails with the cause in one line. It never falls
+back to the CPU plan when GPUs are expected.
 """
 
 from __future__ import annotations

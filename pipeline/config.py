@@ -78,7 +78,7 @@ class WriteConfig:
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """Actor pool bounds. ``None`` maxima are sized from the cluster's resources by flow.plan_pools."""
+    """Actor pool bounds. ``None`` maxima are sized by pools.plan_pools from what the cluster may grow to."""
 
     dcnn_min_actors: int = 1
     dcnn_max_actors: int | None = None
@@ -90,8 +90,22 @@ class PoolConfig:
     # CPU slots kept free for tasks (deadlock guard): the plan reader (a task that streams a plan file's items and
     # holds its slot while the stages downstream are busy) and the encode + write tasks need one each.
     task_cpus: float = 2.0
+    # More task slots per DCNN actor on GPUs: read and decode run as tasks there (fused into the actor on CPUs).
+    task_cpus_per_gpu: float = 1.0
+    # GPUs the cluster may grow to when its autoscaler does not report node types (None = what it reports/has).
+    max_gpus: int | None = None
+    # None: the DCNN runs on GPUs when the cluster has or may grow to one; True: as None, and fail if it may not;
+    # False: use only GPUs present at the start, never wait for one (no GPU: the CPU plan).
+    require_gpu: bool | None = None
+    # How long the job waits for the pools' minimum (the first GPU, CPU slots on a fresh head) before failing.
+    resource_wait_s: float = 600.0
 
     def __post_init__(self) -> None:
+        for name in ("task_cpus", "task_cpus_per_gpu", "resource_wait_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"pools.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_gpus is not None and self.max_gpus < 0:
+            raise ConfigError(f"pools.max_gpus must be >= 0, got {self.max_gpus}")
         for name in ("dcnn_min_actors", "crf_min_actors"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"pools.{name} must be >= 1, got {getattr(self, name)}")

@@ -35,6 +35,7 @@ from pipeline.plan import (
     read_split,
     root_units,
 )
+from pipeline.pools import PoolPlan
 from pipeline.progress import Progress
 from pipeline.read import fetch_batch
 from pipeline.storage import (
@@ -59,11 +60,9 @@ from pipeline.write import (
 )
 
 if TYPE_CHECKING:  # config and dcnn import torch; encode tasks import this module and need neither
-    from pipeline.config import JobConfig, PoolConfig, ReadConfig
+    from pipeline.config import JobConfig, ReadConfig
 
 __all__ = [
-    "PoolPlan",
-    "plan_pools",
     "JobPlan",
     "index_output",
     "plan_job",
@@ -78,52 +77,6 @@ log = logging.getLogger(__name__)
 
 _PLAN_READERS = 4  # plan files read at once (~10 ms each: 100k work items/s)
 _FILES_PER_TASK = 64  # parts (or plan files) indexed per task: ~64k ids at 1000 rows per part
-
-
-@dataclass(frozen=True)
-class PoolPlan:
-    dcnn_num_gpus: float
-    dcnn_num_cpus: float
-    dcnn_size: tuple[int, int]  # (min, max) actors
-    crf_size: tuple[int, int]
-    crf_resources: dict[str, float]
-
-
-def plan_pools(resources: dict[str, float], pools: PoolConfig, *, crf_enabled: bool = True) -> PoolPlan:
-    """Size the actor pools from the cluster's resources, keeping CPU slots free for tasks (no deadlock)."""
-    from pipeline.config import ConfigError
-
-    cpus, gpus = float(resources.get("CPU", 0)), int(resources.get("GPU", 0))
-    if gpus >= 1:
-        dcnn_gpus, dcnn_cpus = 1.0, pools.dcnn_num_cpus_with_gpu
-        dcnn_max = pools.dcnn_max_actors or gpus
-    else:
-        dcnn_gpus, dcnn_cpus = 0.0, pools.dcnn_num_cpus
-        dcnn_max = pools.dcnn_max_actors or pools.dcnn_min_actors
-    crf_min = pools.crf_min_actors if crf_enabled else 0
-    need = pools.dcnn_min_actors * dcnn_cpus + crf_min + pools.task_cpus
-    if need > cpus:
-        raise ConfigError(
-            f"the cluster has {cpus:g} CPU slots but the pools need {need:g} "
-            f"({pools.dcnn_min_actors} DCNN x {dcnn_cpus:g} + {crf_min} CRF + {pools.task_cpus:g} for tasks): "
-            "lower pools.*_min_actors or pools.dcnn_num_cpus, or add CPUs"
-        )
-    crf_resources = {pools.crf_resource: 1.0} if pools.crf_resource else {}
-    if pools.crf_resource:
-        crf_room = int(resources.get(pools.crf_resource, 0))
-        if crf_enabled and crf_room < crf_min:
-            raise ConfigError(
-                f"pools.crf_resource={pools.crf_resource!r} but the cluster has {crf_room} of it"
-            )
-    else:
-        crf_room = int(cpus - dcnn_max * dcnn_cpus - pools.task_cpus)
-    crf_max = pools.crf_max_actors or max(crf_min, crf_room)
-    # The CRF is the bottleneck: start every actor the present CPUs hold instead of letting Ray Data add them one
-    # by one (each start costs seconds). Only when whole-CPU actors pack exactly (no fractional DCNN slots).
-    crf_start = crf_max if pools.crf_max_actors is None and float(dcnn_cpus).is_integer() else crf_min
-    return PoolPlan(
-        dcnn_gpus, dcnn_cpus, (pools.dcnn_min_actors, dcnn_max), (crf_start, crf_max), crf_resources
-    )
 
 
 def encode_rows(batch: dict, encode_cfg: EncodeConfig) -> pa.Table:
@@ -226,9 +179,12 @@ def build_dataset(
             fn_constructor_kwargs={"cfg": cfg.crf},
             batch_size=None,
             # One block at a time per actor: a block is seconds of CRF work, and a second one queued behind it
-            # would wait there while another actor idles at the end of the job.
+            # would wait there while another actor idles at the end of the job. Unless the pool may grow: Ray
+            # Data adds actors only to a pool with more tasks in flight per actor (pools._tasks_to_upscale).
             compute=ActorPoolStrategy(
-                min_size=plan.crf_size[0], max_size=plan.crf_size[1], max_tasks_in_flight_per_actor=1
+                min_size=plan.crf_size[0],
+                max_size=plan.crf_size[1],
+                max_tasks_in_flight_per_actor=plan.crf_tasks_per_actor,
             ),
             num_cpus=1,
             resources=plan.crf_resources or None,

@@ -97,20 +97,10 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> No
     note_ray_session()
 
 
-def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:
-    import ray
-
-    from pipeline.flow import (
-        build_dataset,
-        execute,
-        index_files,
-        index_output,
-        plan_job,
-        plan_pools,
-        verify_output,
-    )
-
-    t0 = time.monotonic()
+def _prepare(
+    cfg: JobConfig, crf_raw: dict[str, Any] | None, address: str | None
+) -> tuple[JobConfig, dict, str]:
+    """Fail fast on storage and the model, complete the config from the checkpoint, connect to Ray."""
     try:
         check_access(cfg.read.input_uri, cfg.storage, what="input")
         check_access(cfg.write.output_uri, cfg.storage, what="output")
@@ -119,13 +109,17 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
     meta, digest = load_model_meta(cfg)
     cfg = resolve_crf(cfg, meta["variant"], crf_raw or {})
     cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, num_classes=meta["num_classes"]))
-
     init_ray(address)
-    done_ref, retry_ref, before = index_output(
-        cfg.write.output_uri, cfg.storage, retry=cfg.write.retry_errors
-    )
+    return cfg, meta, digest
+
+
+def _plan(cfg: JobConfig, done_ref, retry_ref, *, write_files: bool):
+    from pipeline.flow import plan_job
+
     try:
-        job_plan = plan_job(cfg.read, cfg.write.output_uri, cfg.storage, done_ref, retry_ref)
+        return plan_job(
+            cfg.read, cfg.write.output_uri, cfg.storage, done_ref, retry_ref, write_files=write_files
+        )
     except (
         OSError,
         ValueError,
@@ -133,6 +127,18 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
     ) as e:  # raised in a listing task: name its cause, not Ray's traceback
         cause = getattr(e, "cause", None) or e
         raise JobError(f"cannot list the inputs under {cfg.read.input_uri}: {cause}") from e
+
+
+def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:
+    from pipeline.flow import build_dataset, execute, index_files, index_output, verify_output
+    from pipeline.pools import plan_cluster_pools
+
+    t0 = time.monotonic()
+    cfg, meta, digest = _prepare(cfg, crf_raw, address)
+    done_ref, retry_ref, before = index_output(
+        cfg.write.output_uri, cfg.storage, retry=cfg.write.retry_errors
+    )
+    job_plan = _plan(cfg, done_ref, retry_ref, write_files=True)
     del done_ref, retry_ref
     if not job_plan.inputs:
         raise JobError(
@@ -154,7 +160,7 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
         job_plan.retried, cfg.write.retry_errors, meta["variant"], digest[:12], "on" if cfg.crf else "off",
     )  # fmt: skip
 
-    plan = plan_pools(ray.cluster_resources(), cfg.pools, crf_enabled=cfg.crf is not None)
+    plan = plan_cluster_pools(cfg.pools, crf_enabled=cfg.crf is not None)
     encode_cfg = EncodeConfig(
         num_classes=meta["num_classes"], model_variant=meta["variant"], model_digest=digest
     )
@@ -243,29 +249,18 @@ def dry_run_segment(
     """
     import ray
 
-    from pipeline.flow import index_files, plan_job, plan_pools
+    from pipeline.flow import index_files
+    from pipeline.pools import cluster_maxima, plan_pools
     from pipeline.storage import join
 
-    try:
-        check_access(cfg.read.input_uri, cfg.storage, what="input")
-        check_access(cfg.write.output_uri, cfg.storage, what="output")
-    except StorageError as e:
-        raise JobError(str(e)) from e
-    meta, digest = load_model_meta(cfg)
-    cfg = resolve_crf(cfg, meta["variant"], crf_raw or {})
-    init_ray(address)
+    cfg, meta, digest = _prepare(cfg, crf_raw, address)
     parts = list_files(join(cfg.write.output_uri, MASKS_DIR), cfg.storage, (".parquet",))
     # Not index_output: it applies rows a killed run left aside and deletes unreadable parts (a run does both).
     done_ref, retry_ref, before = index_files(parts, cfg.storage, retry=cfg.write.retry_errors)
-    try:
-        job_plan = plan_job(
-            cfg.read, cfg.write.output_uri, cfg.storage, done_ref, retry_ref, write_files=False
-        )
-    except (OSError, ValueError, KeyError) as e:
-        cause = getattr(e, "cause", None) or e
-        raise JobError(f"cannot list the inputs under {cfg.read.input_uri}: {cause}") from e
+    job_plan = _plan(cfg, done_ref, retry_ref, write_files=False)
     resources = ray.cluster_resources()
-    plan = plan_pools(resources, cfg.pools, crf_enabled=cfg.crf is not None)
+    # What a run would plan, without its request for missing resources and its wait for them.
+    plan = plan_pools(resources, cfg.pools, crf_enabled=cfg.crf is not None, maxima=cluster_maxima())
     return {
         "input": cfg.read.input_uri,
         "output": cfg.write.output_uri,

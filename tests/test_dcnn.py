@@ -398,7 +398,8 @@ def test_out_of_memory_retries_smaller_and_rows_end_ok(checkpoint):
     out = pred(batch_of([images[0], big], ["ok", "ok"]))
     assert list(out[schema.STATUS]) == ["ok", schema.ErrorKind.DCNN]
     assert out[schema.ERROR][1].startswith("out of memory for one 60x60 image (padded to 65x65) on cpu")
-    assert list(out[schema.RETRYABLE]) == [False, True]  # the device's state, not the image: a re-run retries it
+    # Out of memory is the device's state, not the image's: a re-run retries the row.
+    assert list(out[schema.RETRYABLE]) == [False, True]
 
 
 def _faulting_forward(message: str):

@@ -279,7 +279,7 @@ def test_ray_cluster_yaml_uses_a_current_gpu_machine_image():
 
 def test_cluster_job_config_keeps_crf_actors_off_gpu_nodes():
     from pipeline.config import load_job_config
-    from pipeline.flow import plan_pools
+    from pipeline.pools import plan_pools
 
     cfg, _ = load_job_config(
         str(ROOT / "infra" / "cluster-job.yaml"), input="s3://b/in", output="s3://b/out", model="s3://b/m.pt"

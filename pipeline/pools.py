@@ -251,6 +251,9 @@ def plan_cluster_pools(
         sleep(_POLL_S)
         plan = plan_pools(resources(), pools, crf_enabled=crf_enabled, maxima=maxima())
         missing = plan.missing(resources(), crf_enabled=crf_enabled)
+    if not missing:  # a joining node is in the resource view a moment before it takes work: let it settle
+        sleep(_POLL_S)
+        plan = plan_pools(resources(), pools, crf_enabled=crf_enabled, maxima=maxima())
     if missing:
         what = "no GPU" if "GPU" in missing else _fmt(missing) + " missing"
         raise ConfigError(

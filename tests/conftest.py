@@ -45,6 +45,14 @@ def ray_local(local_s3):
 
     if ray.is_initialized():
         ray.shutdown()
+    # Explicit, like the multi-node tests: ~/.ray/auth_token (Ray writes one) must not switch token auth on for a
+    # GCS this process starts while its client, configured by an earlier test, expects none.
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved

@@ -171,7 +171,7 @@ def test_waits_for_the_first_gpu_then_plans_from_what_joined():
     booting, up = {"CPU": 16, "crf": 16}, {"CPU": 20, "GPU": 1, "crf": 16}
     fake = _FakeCluster([booting, booting, booting, up])
     plan = _plan_on(fake, PoolConfig(crf_resource="crf", resource_wait_s=10), RAY_UP_MAXIMA)
-    assert fake.now == 3 and plan.dcnn_num_gpus == 1.0 and plan.missing(up) == {}
+    assert fake.now == 4 and plan.dcnn_num_gpus == 1.0 and plan.missing(up) == {}  # 3 polls + 1 to settle
     ((bundles, expire_s),) = fake.requests  # one request: what the pools need to start, planned while booting
     assert expire_s == 10
     assert sorted(map(sorted, map(dict.items, bundles))) == sorted(

@@ -264,7 +264,7 @@ def stage_costs(cfg, encode_cfg, items: list[dict], *, batch_size: int = 8) -> d
     from pipeline.flow import _concat, _take, encode_rows
     from pipeline.read import fetch_batch
     from pipeline.schema import ID, LOGITS
-    from pipeline.write import write_part
+    from pipeline.write import commit_rows
 
     t0 = time.monotonic()  # from model load on, as run_single and the Ray job are timed
     threads = torch.get_num_threads()
@@ -293,7 +293,7 @@ def stage_costs(cfg, encode_cfg, items: list[dict], *, batch_size: int = 8) -> d
         batch = timed("crf", lambda b: _concat([refiner(_take(b, i)) for i in range(len(b[ID]))]), batch)
         timed(
             "encode_write",
-            lambda b: write_part(encode_rows(b, encode_cfg), cfg.write.output_uri, cfg.storage),
+            lambda b: commit_rows(encode_rows(b, encode_cfg), cfg.write.output_uri, cfg.storage),
             batch,
         )
     total_wall = time.monotonic() - t0

@@ -75,7 +75,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_PLAN_READERS = 4  # plan files read at once (~10 ms each: 100k work items/s)
+_PLAN_READERS = 4  # plan reading tasks at once (~10 ms per file: 100k work items/s)
+_PLAN_FILES_PER_ITEM = 64  # todo files per plan reading task: 16k work items, ~0.6 s
 _FILES_PER_TASK = 64  # parts (or plan files) indexed per task: ~64k ids at 1000 rows per part
 
 
@@ -144,12 +145,18 @@ def build_dataset(
     ctx.wait_for_min_actors_s = 600  # a cluster that can't place the pools fails instead of hanging
     ctx.execution_no_progress_timeout_s = 900
     bound_run_ahead()
-    # The plan's work items, listed in Ray tasks (plan.py): a todo/ file is read.items_per_block items, one block,
-    # read by a task without a CPU slot (it only reads a small file; a reader that held a slot while the stages
-    # downstream were busy starved the encode + write tasks of theirs). Not read_parquet: its listing and footer
-    # actor cost 5-15 s before the first row here, and the files are known.
+    # The plan's work items, listed in Ray tasks (plan.py): todo/ files of read.items_per_block items each, read
+    # _PLAN_FILES_PER_ITEM at a time by a task without a CPU slot (it only reads small files; a reader that held a
+    # slot while the stages downstream were busy starved the encode + write tasks of theirs), then cut into blocks
+    # of that many rows. Ray Data keeps metadata on the driver for every input block (from_items of one item per
+    # file: 36 s and +250 MiB at the 40k files of 10M images; range() of as many blocks 45 s), so the driver makes
+    # one item per _PLAN_FILES_PER_ITEM files: 625 items at 10M. Not read_parquet: its listing and footer actor cost
+    # 5-15 s before the first row here, and the files are known.
     files = list_files(todo_uri, cfg.storage, (".parquet",))
-    ds = ray.data.from_items([{"plan_file": f} for f in files], override_num_blocks=len(files))
+    groups = [
+        "\n".join(files[i : i + _PLAN_FILES_PER_ITEM]) for i in range(0, len(files), _PLAN_FILES_PER_ITEM)
+    ]
+    ds = ray.data.from_items([{"plan_files": g} for g in groups], override_num_blocks=len(groups))
     ds = ds.map_batches(  # at most _PLAN_READERS at once: a task without a CPU slot has no other cap
         read_plan,
         fn_kwargs={"storage_cfg": cfg.storage},
@@ -158,9 +165,8 @@ def build_dataset(
         num_cpus=0,
         compute=TaskPoolStrategy(size=_PLAN_READERS),
     )
-    rows = block_rows(num_todo, plan, cfg.read.items_per_block)
-    if rows < cfg.read.items_per_block:  # a small job: smaller blocks, so that every actor gets some
-        ds = ds.repartition(target_num_rows_per_block=rows)
+    # Blocks of items_per_block rows (fewer in a small job, so that every actor gets some).
+    ds = ds.repartition(target_num_rows_per_block=block_rows(num_todo, plan, cfg.read.items_per_block))
     ds = ds.map_batches(fetch_batch, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=None)  # bytes per row
     ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg.decode}, batch_size=None)  # RGB uint8 + label
     ds = ds.map_batches(  # logits: float16 (C, h, w) at stride 8, raw_mask: uint8 (H, W)

@@ -433,10 +433,11 @@ def _chunks(batches: Iterable[dict[str, list]]) -> Iterator[dict[str, list]]:
 
 
 def read_plan(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> pa.Table:
-    """Ray Data UDF: plan file URIs (column "plan_file") -> their work items (PLAN_SCHEMA)."""
+    """Ray Data UDF: plan file URIs (column "plan_files", newline-separated) -> their work items (PLAN_SCHEMA)."""
     tables = []
-    for uri in batch["plan_file"]:
-        tables.append(pq.read_table(io.BytesIO(read_bytes(str(uri), storage_cfg))).cast(PLAN_SCHEMA))
+    for uris in batch["plan_files"]:
+        for uri in str(uris).split("\n"):
+            tables.append(pq.read_table(io.BytesIO(read_bytes(uri, storage_cfg))).cast(PLAN_SCHEMA))
     return pa.concat_tables(tables) if tables else PLAN_SCHEMA.empty_table()
 
 

@@ -163,7 +163,7 @@ def build_dataset(
         batch_size=1,
         batch_format="numpy",
         num_cpus=0,
-        compute=TaskPoolStrategy(size=_PLAN_READERS),
+        compute=TaskPoolStrategy(size=max(1, min(_PLAN_READERS, len(groups)))),
     )
     # Blocks of items_per_block rows (fewer in a small job, so that every actor gets some).
     ds = ds.repartition(target_num_rows_per_block=block_rows(num_todo, plan, cfg.read.items_per_block))

@@ -426,3 +426,30 @@ def test_crf_refiner_accepts_regular_ndarray_columns_and_offsets():
         up = upsample_logits(torch.from_numpy(logits.astype(np.float32)), 41, 50, offset=offset)
         expected = refine(crop, torch.softmax(up, dim=0).numpy(), CRFConfig())
         assert np.array_equal(out[S.MASK][i], expected)
+
+
+def test_a_crf_out_of_memory_row_is_retryable(monkeypatch):
+    """The node's memory, not the image: the row is an error a re-run retries; the other row is refined."""
+    import pipeline.crf as crf_module
+
+    real = crf_module.refine
+    calls = iter([MemoryError, None])
+
+    def refine(image, probs, cfg):
+        if (error := next(calls)) is not None:
+            raise error()
+        return real(image, probs, cfg)
+
+    monkeypatch.setattr(crf_module, "refine", refine)
+    n = 2
+    batch = {
+        S.ID: np.array(["a", "b"], dtype=object),
+        S.STATUS: np.array([S.OK] * n, dtype=object),
+        S.ERROR: np.array([None] * n, dtype=object),
+        S.IMAGE: _object_column([np.full((16, 16, 3), 90, np.uint8)] * n),
+        S.LOGITS: _object_column([np.zeros((3, 3, 3), np.float16)] * n),
+        S.UPSAMPLE_OFFSET: np.zeros(n, np.int64),
+    }
+    out = CRFRefiner(crf_config_for("deeplab-largefov"))(batch)
+    assert list(out[S.STATUS]) == [S.ErrorKind.CRF, S.OK] and "MemoryError" in out[S.ERROR][0]
+    assert list(out[S.RETRYABLE]) == [True, False]

@@ -47,8 +47,9 @@ class OutageGuard:
         rate = self.failures / n if n else 0.0
         return self.failures >= self.cfg.outage_min_failures and rate >= self.cfg.outage_rate - 1e-9
 
-    def wait(self, probe, cause: str) -> None:
-        """Back off (1, 2, 4 .. 30 s) calling ``probe()`` until it succeeds; raise StorageOutage after outage_wait_s."""
+    def wait(self, probe, cause: str):
+        """Back off (1, 2, 4 .. 30 s) calling ``probe()`` until storage answers; return what it returned (or raise
+        its error, when storage answered that the object itself is gone); StorageOutage after outage_wait_s."""
         start, delay = self.clock(), 1.0
         log.warning(
             "storage: %d of the last %d reads failed (%s); backing off up to %.0f s",
@@ -65,16 +66,18 @@ class OutageGuard:
             self.sleep(min(delay, max(0.0, self.cfg.outage_wait_s - waited)))
             delay = min(2 * delay, 30.0)
             try:
-                probe()
+                result, error = probe(), None
             except Exception as e:  # noqa: BLE001 - still down: keep waiting, the cause is the latest failure
-                if not is_transient(e):
-                    break  # the probed object itself is gone: storage answers again
-                cause = _reason(e)
-                continue
-            break
-        log.warning("storage: reads succeed again after %.0f s", self.clock() - start)
-        self.events.clear()
-        self.failures = 0
+                if is_transient(e):
+                    cause = _reason(e)
+                    continue
+                result, error = None, e  # the probed object itself is gone: storage answers again
+            log.warning("storage: reads succeed again after %.0f s", self.clock() - start)
+            self.events.clear()
+            self.failures = 0
+            if error is not None:
+                raise error
+            return result
 
 
 _guards: dict[StorageConfig, OutageGuard] = {}
@@ -96,8 +99,7 @@ def _read(uri: str, cfg: StorageConfig) -> bytes:
         guard.record(transient)
         if not (transient and guard.tripped()):
             raise
-        guard.wait(lambda: read_bytes(uri, cfg), _reason(e))  # raises StorageOutage if storage stays down
-        data = read_bytes(uri, cfg)
+        data = guard.wait(lambda: read_bytes(uri, cfg), _reason(e))  # StorageOutage if storage stays down
     guard.record(False)
     return data
 

@@ -211,9 +211,14 @@ def read_part_ids(
 def _read_columns(file: pq.ParquetFile, columns: tuple[str, ...]) -> pa.Table:
     """The columns the file has (a part written before ``retryable`` existed lacks it: read as all False)."""
     table = file.read(columns=[c for c in columns if c in file.schema_arrow.names])
-    if S.RETRYABLE in columns and S.RETRYABLE not in table.column_names:
-        table = table.append_column(S.RETRYABLE, pa.array(np.zeros(table.num_rows, dtype=bool)))
-    return table
+    return _with_retryable(table) if S.RETRYABLE in columns else table
+
+
+def _with_retryable(table: pa.Table) -> pa.Table:
+    """A part written before the ``retryable`` column existed: its rows read as not retryable."""
+    if S.RETRYABLE in table.column_names:
+        return table
+    return table.append_column(S.RETRYABLE, pa.array(np.zeros(table.num_rows, dtype=bool)))
 
 
 @dataclass
@@ -331,9 +336,7 @@ def apply_supersedes(groups: dict[str, list[str]], output_uri: str, storage_cfg:
 
 
 def _read_whole(uri: str, storage_cfg: StorageConfig) -> pa.Table:
-    table = pq.read_table(io.BytesIO(read_bytes(uri, storage_cfg)))
-    if S.RETRYABLE not in table.column_names:  # a part from before the column existed
-        table = table.append_column(S.RETRYABLE, pa.array(np.zeros(table.num_rows, dtype=bool)))
+    table = _with_retryable(pq.read_table(io.BytesIO(read_bytes(uri, storage_cfg))))
     return table.select(S.OUTPUT_SCHEMA.names).cast(S.OUTPUT_SCHEMA)
 
 

@@ -136,13 +136,23 @@ def block_rows(num_todo: int, plan: PoolPlan, max_rows: int) -> int:
     return max(1, min(max_rows, math.ceil(num_todo / (4 * workers))))
 
 
+def _fmt_pool(pool: dict[str, int]) -> str:
+    size = (
+        pool["min_size"] if pool["min_size"] == pool["max_size"] else f"{pool['min_size']}-{pool['max_size']}"
+    )
+    return f"{size} ({pool.get('max_tasks_in_flight_per_actor', 'default')} blocks in flight each)"
+
+
 def build_dataset(
     todo_uri: str, cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan, num_todo: int
 ) -> ray.data.Dataset:
     from pipeline.dcnn import DeepLabPredictor  # not at the top: encode tasks import this module, not torch
 
     ctx = DataContext.get_current()
-    ctx.wait_for_min_actors_s = 600  # a cluster that can't place the pools fails instead of hanging
+    # No wait for the pools' actors at the start: ray_pools fixes pools at their maximum, which may be nodes that
+    # have not joined yet (plan_cluster_pools waited for the minimum). A pool that never gets an actor placed
+    # trips the no-progress timeout; an actor whose constructor fails still fails the job at once.
+    ctx.wait_for_min_actors_s = -1
     ctx.execution_no_progress_timeout_s = 900
     bound_run_ahead()
     # The plan's work items, listed in Ray tasks (plan.py): todo/ files of read.items_per_block items each, read
@@ -166,14 +176,18 @@ def build_dataset(
         compute=TaskPoolStrategy(size=max(1, min(_PLAN_READERS, len(groups)))),
     )
     # Blocks of items_per_block rows (fewer in a small job, so that every actor gets some).
-    ds = ds.repartition(target_num_rows_per_block=block_rows(num_todo, plan, cfg.read.items_per_block))
+    rows = block_rows(num_todo, plan, cfg.read.items_per_block)
+    dcnn_pool, crf_pool = plan.ray_pools(math.ceil(num_todo / rows))
+    log.info("%d blocks of %d rows; DCNN actors %s, CRF actors %s", math.ceil(num_todo / rows), rows,
+             _fmt_pool(dcnn_pool), _fmt_pool(crf_pool) if cfg.crf else "off")  # fmt: skip
+    ds = ds.repartition(target_num_rows_per_block=rows)
     ds = ds.map_batches(fetch_batch, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=None)  # bytes per row
     ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg.decode}, batch_size=None)  # RGB uint8 + label
     ds = ds.map_batches(  # logits: float16 (C, h, w) at stride 8, raw_mask: uint8 (H, W)
         DeepLabPredictor,
         fn_constructor_kwargs={"cfg": cfg.dcnn, "storage_cfg": cfg.storage},
         batch_size=cfg.dcnn.batch_size,
-        compute=ActorPoolStrategy(min_size=plan.dcnn_size[0], max_size=plan.dcnn_size[1]),
+        compute=ActorPoolStrategy(**dcnn_pool),
         num_gpus=plan.dcnn_num_gpus,
         num_cpus=plan.dcnn_num_cpus,
     )
@@ -185,13 +199,9 @@ def build_dataset(
             fn_constructor_kwargs={"cfg": cfg.crf},
             batch_size=None,
             # One block at a time per actor: a block is seconds of CRF work, and a second one queued behind it
-            # would wait there while another actor idles at the end of the job. Unless the pool may grow: Ray
-            # Data adds actors only to a pool with more tasks in flight per actor (pools._tasks_to_upscale).
-            compute=ActorPoolStrategy(
-                min_size=plan.crf_size[0],
-                max_size=plan.crf_size[1],
-                max_tasks_in_flight_per_actor=plan.crf_tasks_per_actor,
-            ),
+            # would wait there while another actor idles at the end of the job. Unless the pool is elastic: Ray
+            # Data adds actors only to a pool with more tasks in flight per actor (pools.PoolPlan.ray_pools).
+            compute=ActorPoolStrategy(**crf_pool),
             num_cpus=1,
             resources=plan.crf_resources or None,
         )

@@ -10,9 +10,11 @@ Where each number comes from (in this order):
 - **expected GPUs**: ``pools.require_gpu`` (True: fail unless a GPU comes; False: plan from the GPUs present, never
   wait), else whether the cluster has or may grow to a GPU.
 
-The pool maxima follow what the cluster may grow to and the minima what it has, so that Ray Data's actor-pool
-autoscaler (which re-reads the cluster's size every second) may add actors on nodes that join; on a small test
-cluster it did not for a running CRF pool (docs/operations.md, "Autoscaling"). When the minimum does not fit what
+The pool maxima follow what the cluster may grow to and the minima what it has. Ray Data gets them through
+``PoolPlan.ray_pools``: pools on GPUs or on ``crf_resource`` nodes are fixed at their maximum (capped at one actor per
+block), so the actors that do not fit wait as pending actors, the Ray autoscaler launches nodes for them and each
+starts as its node joins; Ray Data's own actor autoscaler did not add actors on nodes that joined mid-job
+(docs/operations.md, "Autoscaling"). A CRF pool on any CPU stays elastic. When the minimum does not fit what
 is present (a fresh head with ``CPU: 0``, the GPU node still booting), ``plan_cluster_pools`` asks the autoscaler
 for that minimum and waits up to ``pools.resource_wait_s``, then fails with the cause in one line. It never falls
 back to the CPU plan when GPUs are expected.
@@ -47,7 +49,6 @@ class PoolPlan:
     crf_resources: dict[str, float]
     task_cpus: float = 0.0  # CPU slots the tasks (read/decode/encode/write) need beside the minimum pools
     maxima_source: str = "present"  # where "may grow to" came from: autoscaler | config | present
-    crf_tasks_per_actor: int = 1  # blocks in flight per CRF actor (max_tasks_in_flight_per_actor)
 
     def missing(self, present: dict[str, float], *, crf_enabled: bool = True) -> dict[str, float]:
         """Resources the pools' minima plus the task slots need that ``present`` lacks (empty: the job can start)."""
@@ -63,14 +64,43 @@ class PoolPlan:
     def bundles(self, *, crf_enabled: bool = True) -> list[dict[str, float]]:
         """The resource shapes the job needs to start: the pools' minimum actors and the task slots.
 
-        Not the maxima: nodes asked for beyond that stay up (billed) for the request's lifetime whether or not Ray
-        Data adds actors on them; Ray Data's own cluster autoscaler asks for more as the job's throughput demands.
+        Not the maxima: this request only gets the job started. The fixed pools' pending actors (ray_pools) are
+        what makes the autoscaler launch nodes up to the pools' maxima, and only for a job that has the blocks.
         """
         dcnn = {"CPU": self.dcnn_num_cpus, **({"GPU": self.dcnn_num_gpus} if self.dcnn_num_gpus else {})}
         crf = {"CPU": 1.0, **self.crf_resources}
         out = [dict(dcnn) for _ in range(self.dcnn_size[0])]
         out += [dict(crf) for _ in range(self.crf_size[0] if crf_enabled else 0)]
         return out + [{"CPU": 1.0} for _ in range(math.ceil(self.task_cpus))]
+
+    def ray_pools(self, num_blocks: int) -> tuple[dict[str, int], dict[str, int]]:
+        """The DCNN's and the CRF's ``ActorPoolStrategy`` arguments for a job of ``num_blocks`` blocks.
+
+        A pool on resources only some nodes have (GPUs, ``crf_resource``) is fixed at its maximum, at most one actor
+        per block: Ray Data 2.60's actor autoscaler adds an actor only when the operator's CPU budget holds one, and
+        that budget follows what the cluster had when the job started, so an elastic pool never grew into nodes
+        that joined mid-job. The actors of a fixed pool that do not fit yet wait as pending actors: the Ray
+        autoscaler launches nodes for them (up to the node types' maxima) and each starts when its node joins.
+        A pool on any CPU stays elastic (``crf_size``): fixed at its maximum, its pending actors would take the CPU
+        slots the tasks free between blocks (the actor-pool deadlock).
+        """
+
+        def fixed(size: tuple[int, int]) -> dict[str, int]:
+            n = max(size[0], min(size[1], num_blocks))
+            return {"min_size": n, "max_size": n}
+
+        # The DCNN keeps Ray Data's default blocks in flight per actor (the next block arrives while one runs).
+        dcnn = (
+            fixed(self.dcnn_size)
+            if self.dcnn_num_gpus
+            else {"min_size": self.dcnn_size[0], "max_size": self.dcnn_size[1]}
+        )
+        if self.crf_resources or self.crf_size[0] == self.crf_size[1]:
+            crf = fixed(self.crf_size) | {"max_tasks_in_flight_per_actor": 1}
+        else:  # Ray Data adds actors only to a pool with more tasks in flight per actor (_tasks_to_upscale)
+            crf = {"min_size": self.crf_size[0], "max_size": self.crf_size[1]}
+            crf["max_tasks_in_flight_per_actor"] = _tasks_to_upscale()
+        return dcnn, crf
 
 
 def cluster_maxima() -> dict[str, float] | None:
@@ -178,7 +208,6 @@ def plan_pools(
         crf_resources,
         tasks(pools.dcnn_min_actors),
         source,
-        1 if crf_start == crf_max else _tasks_to_upscale(),
     )
 
 

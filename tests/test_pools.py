@@ -4,8 +4,10 @@ bounded wait for the pools' minimum, and a job on a ray.cluster_utils.Cluster th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -194,6 +196,30 @@ def test_nothing_present_is_nothing_to_wait_for():
     assert fake.requests == [] and fake.now == 0
 
 
+def test_ray_pools_fix_the_pools_on_gpus_and_crf_nodes_at_their_maximum():
+    plan = plan_pools({"CPU": 20, "GPU": 1, "crf": 16}, CLUSTER_JOB, maxima=RAY_UP_MAXIMA)
+    one_each = {"max_tasks_in_flight_per_actor": 1}
+    # Capped at one actor per block; the actors beyond what is present wait pending for their nodes.
+    assert plan.ray_pools(3) == (
+        {"min_size": 3, "max_size": 3},
+        {"min_size": 16, "max_size": 16, **one_each},
+    )
+    assert plan.ray_pools(1000) == (
+        {"min_size": 4, "max_size": 4}, {"min_size": 128, "max_size": 128, **one_each}
+    )  # fmt: skip
+    # A CRF pool on any CPU stays elastic, with the tasks in flight that let Ray Data grow it; on CPUs the DCNN
+    # pool is what the plan says.
+    plan = plan_pools({"CPU": 8, "GPU": 1}, PoolConfig(), maxima={"CPU": 40, "GPU": 4})
+    dcnn, crf = plan.ray_pools(1000)
+    assert dcnn == {"min_size": 4, "max_size": 4}
+    assert crf == {"min_size": 4, "max_size": 40 - 4 - (2 + 4), "max_tasks_in_flight_per_actor": 2}
+    plan = plan_pools({"CPU": 8}, PoolConfig())
+    assert plan.ray_pools(1000) == (
+        {"min_size": 1, "max_size": 1},
+        {"min_size": 5, "max_size": 5, **one_each},
+    )
+
+
 # --- a real cluster: GPU and CRF nodes join while the job runs ------------------------------------------------------
 
 
@@ -207,77 +233,109 @@ class _Seen(logging.Handler):
             self.event.set()
 
 
-def test_gpu_node_joins_a_waiting_job(monkeypatch, local_s3, storage_cfg, bucket, tmp_path):
+@contextlib.contextmanager
+def _autoscaling_cluster(monkeypatch, node_types: dict, nodes: list[dict]):
+    """A Cluster (head: 2 CPUs) with ``nodes`` up and ``node_types`` published as an autoscaler would; connected."""
     import ray
     from ray.cluster_utils import Cluster
     from ray.experimental.internal_kv import _internal_kv_put
-    from test_cluster import NODE_MEMORY, NUM_CLASSES, _checkpoint, _job, _output_rows
+    from test_cluster import NODE_MEMORY
 
-    from pipeline.pools import cluster_maxima
-    from pipeline.scenes import write_voc_dataset
-    from pipeline.segment import run_segment
-
-    count, size = 8, (96, 72)
-    write_voc_dataset(f"{bucket}/voc", count=count, size=size, num_classes=NUM_CLASSES, seed=3,
-                      storage_cfg=storage_cfg)  # fmt: skip
-    checkpoint = _checkpoint(tmp_path)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         ray.shutdown()
-    # Head (planning, read/decode, encode/write tasks) + one CRF node; the GPU node type has none yet.
     head = {"num_cpus": 2, "num_gpus": 0, "object_store_memory": NODE_MEMORY}
     cluster = Cluster(initialize_head=True, head_node_args=head)
-    pools_log, waiting = logging.getLogger("pipeline.pools"), _Seen("waiting up to")
-    pools_log.addHandler(waiting)
-    pools_log.setLevel(logging.INFO)
     try:
-        crf_a = cluster.add_node(num_cpus=1, resources={"crf": 1}, object_store_memory=NODE_MEMORY)
+        up = [cluster.add_node(object_store_memory=NODE_MEMORY, **n) for n in nodes]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
-        # What an autoscaler reports to the GCS: the node types and their maxima.
-        types = {
-            "head": ({"CPU": 2}, 1, 1),
-            "gpu": ({"CPU": 2, "GPU": 1}, 0, 1),
-            "crf": ({"CPU": 1, "crf": 1}, 1, 2),
-        }
         _internal_kv_put(
-            ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, _cluster_config(types).SerializeToString(),
+            ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, _cluster_config(node_types).SerializeToString(),
             namespace=ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE,
         )  # fmt: skip
-        assert cluster_maxima() == {"CPU": 6.0, "GPU": 1.0, "crf": 2.0}
-
-        cfg, _ = _job(
-            f"{bucket}/voc", f"{bucket}/out", checkpoint, storage_cfg, crf_resource="crf", resource_wait_s=120
-        )
-        result: dict = {}
-
-        def run() -> None:
-            try:
-                result["manifest"] = run_segment(cfg, {})
-            except BaseException as e:  # noqa: BLE001 - re-raised in the test thread below
-                result["error"] = e
-
-        job = threading.Thread(target=run, daemon=True)
-        job.start()
-        assert waiting.event.wait(120), f"the job did not wait for a GPU: {result}"
-        gpu = cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=NODE_MEMORY)
-        job.join(timeout=240)
-        assert not job.is_alive(), "the job did not finish"
-        if "error" in result:
-            raise result["error"]
+        yield cluster, up
     finally:
-        pools_log.removeHandler(waiting)
         ray.shutdown()
         cluster.shutdown()
+
+
+def _run_while(cfg, crf_overrides: dict, steps: list[tuple[str, str, Callable[[], object]]]) -> dict:
+    """run_segment in a thread; for each (logger, text, then) in turn, once ``logger`` logs ``text`` call ``then()``
+    (add nodes). Returns {"manifest": ..., "then": [what each then() returned]}."""
+    from pipeline.segment import run_segment
+
+    seen = [(logging.getLogger(name), _Seen(text), then) for name, text, then in steps]
+    for log, handler, _ in seen:
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    result: dict = {"then": []}
+
+    def run() -> None:
+        try:
+            result["manifest"] = run_segment(cfg, crf_overrides)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread below
+            result["error"] = e
+
+    try:
+        job = threading.Thread(target=run, daemon=True)
+        job.start()
+        for _, handler, then in seen:
+            assert handler.event.wait(120), f"the job did not log {handler.text!r}: {result}"
+            result["then"].append(then())
+        job.join(timeout=240)
+    finally:
+        for log, handler, _ in seen:
+            log.removeHandler(handler)
+    assert not job.is_alive(), "the job did not finish"
+    if "error" in result:
+        raise result["error"]
+    return result
+
+
+def test_nodes_join_a_waiting_then_a_running_job(monkeypatch, local_s3, storage_cfg, bucket, tmp_path):
+    from test_cluster import NODE_MEMORY, NUM_CLASSES, _checkpoint, _job, _output_rows
+
+    from pipeline.pools import cluster_maxima
+    from pipeline.scenes import write_voc_dataset
+
+    count = 16
+    write_voc_dataset(f"{bucket}/voc", count=count, size=(160, 120), num_classes=NUM_CLASSES, seed=3,
+                      storage_cfg=storage_cfg)  # fmt: skip
+    # Head (planning, read/decode, encode/write tasks) + one CRF node; the GPU node type has none yet.
+    types = {
+        "head": ({"CPU": 2}, 1, 1),
+        "gpu": ({"CPU": 2, "GPU": 1}, 0, 2),
+        "crf": ({"CPU": 1, "crf": 1}, 1, 2),
+    }
+    with _autoscaling_cluster(monkeypatch, types, [{"num_cpus": 1, "resources": {"crf": 1}}]) as (
+        cluster,
+        up,
+    ):
+        assert cluster_maxima() == {"CPU": 8.0, "GPU": 2.0, "crf": 2.0}
+        cfg, _ = _job(f"{bucket}/voc", f"{bucket}/out", _checkpoint(tmp_path), storage_cfg,
+                      crf_resource="crf", resource_wait_s=120)  # fmt: skip
+
+        def gpu() -> object:
+            return cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=NODE_MEMORY)
+
+        def crf() -> object:
+            return cluster.add_node(num_cpus=1, resources={"crf": 1}, object_store_memory=NODE_MEMORY)
+
+        # A GPU node joins the job waiting for its first GPU; once it runs, a second GPU node and a second CRF
+        # node join. 30 mean-field iterations: seconds of CRF work per block, so the job outlasts their start.
+        result = _run_while(cfg, {"iterations": 30}, [
+            ("pipeline.pools", "waiting up to", gpu), ("pipeline.flow", "blocks of", lambda: (gpu(), crf())),
+        ])  # fmt: skip
 
     rows = _output_rows(f"{bucket}/out", storage_cfg)
     assert sorted(r[S.ID] for r in rows) == [f"scene_{i:06d}" for i in range(count)]
     assert {r[S.STATUS] for r in rows} == {S.OK}
-    # The DCNN ran on the GPU node that joined after the start (no CPU plan); the CRF pool started with the one
-    # CRF node present and may grow to the two the node types allow.
-    assert {r["dcnn_node"] for r in rows} == {gpu.node_id}
-    assert {r["crf_node"] for r in rows} == {crf_a.node_id}
+    gpu_a, (gpu_b, crf_b) = result["then"]
+    # The DCNN ran on the GPU nodes that joined after the start (no CPU plan), the CRF on both CRF nodes.
+    assert {r["dcnn_node"] for r in rows} == {gpu_a.node_id, gpu_b.node_id}
+    assert {r["crf_node"] for r in rows} == {up[0].node_id, crf_b.node_id}
     pools = result["manifest"]["run"]["pools"]
-    assert pools["dcnn_num_gpus"] == 1.0 and tuple(pools["crf_size"]) == (1, 2)
-    assert pools["maxima_source"] == "autoscaler" and pools["crf_tasks_per_actor"] == 2
+    assert pools["dcnn_num_gpus"] == 1.0 and pools["maxima_source"] == "autoscaler"
+    assert tuple(pools["dcnn_size"]) == (1, 2) and tuple(pools["crf_size"]) == (1, 2)

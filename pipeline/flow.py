@@ -177,8 +177,9 @@ def build_dataset(
     )
     # Blocks of items_per_block rows (fewer in a small job, so that every actor gets some).
     rows = block_rows(num_todo, plan, cfg.read.items_per_block)
-    dcnn_pool, crf_pool = plan.ray_pools(math.ceil(num_todo / rows))
-    log.info("%d blocks of %d rows; DCNN actors %s, CRF actors %s", math.ceil(num_todo / rows), rows,
+    num_blocks = math.ceil(num_todo / rows)
+    dcnn_pool, crf_pool = plan.ray_pools(num_blocks)
+    log.info("%d blocks of %d rows; DCNN actors %s, CRF actors %s", num_blocks, rows,
              _fmt_pool(dcnn_pool), _fmt_pool(crf_pool) if cfg.crf else "off")  # fmt: skip
     ds = ds.repartition(target_num_rows_per_block=rows)
     ds = ds.map_batches(fetch_batch, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=None)  # bytes per row

@@ -49,12 +49,17 @@ class ReadConfig:
     # Most work items per Ray Data block (fewer when the job is small, so every actor gets work): per-block costs
     # (a task or actor call per stage, ~ms each) are paid once per block; a CRF actor refines a block per call.
     items_per_block: int = 250  # a divisor of write.rows_per_file, so that parts come out full
+    # Largest image or label object read, in bytes, checked before the body is read: a bigger one is a
+    # `too_large` row (permanent), never a worker out of memory.
+    max_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"read.input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
         if self.items_per_block < 1:
             raise ConfigError(f"read.items_per_block must be >= 1, got {self.items_per_block}")
+        if self.max_bytes < 1:
+            raise ConfigError(f"read.max_bytes must be >= 1, got {self.max_bytes}")
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,26 @@ class WriteConfig:
     # Which committed error rows a re-run processes again (their new row supersedes the old one, see write.py):
     # "retryable" (errors caused by the environment: storage, credentials, memory), "all", or "none".
     retry_errors: str = "retryable"
+    # Attempts an image gets: the row of its max_retries-th attempt is permanent whatever its cause, so a scheduler
+    # that re-runs on exit 75 stops.
+    max_retries: int = 3
+    # One run per output (pipeline/lease.py): the lease lapses this long after its holder's last renewal (a killed
+    # run's lease), and a second run waits up to lease_wait_s for it before refusing (0: refuse at once).
+    lease_ttl_s: float = 120.0
+    lease_wait_s: float = 0.0
+    # The output records its input, model and CRF settings at its first run; a run with others refuses unless true.
+    allow_identity_change: bool = False
 
     def __post_init__(self) -> None:
         if self.rows_per_file < 1:
             raise ConfigError(f"write.rows_per_file must be >= 1, got {self.rows_per_file}")
+        if self.max_retries < 1:
+            raise ConfigError(f"write.max_retries must be >= 1, got {self.max_retries}")
+        if self.lease_ttl_s < 5 or self.lease_wait_s < 0:
+            raise ConfigError(
+                f"write.lease_ttl_s must be >= 5 and write.lease_wait_s >= 0, got {self.lease_ttl_s}, "
+                f"{self.lease_wait_s}"
+            )
         if self.retry_errors not in RETRY_POLICIES:
             raise ConfigError(
                 f"write.retry_errors must be one of {RETRY_POLICIES}, got {self.retry_errors!r}"

@@ -182,7 +182,9 @@ def build_dataset(
     log.info("%d blocks of %d rows; DCNN actors %s, CRF actors %s", num_blocks, rows,
              _fmt_pool(dcnn_pool), _fmt_pool(crf_pool) if cfg.crf else "off")  # fmt: skip
     ds = ds.repartition(target_num_rows_per_block=rows)
-    ds = ds.map_batches(fetch_batch, fn_kwargs={"storage_cfg": cfg.storage}, batch_size=None)  # bytes per row
+    ds = ds.map_batches(  # bytes per row
+        fetch_batch, fn_kwargs={"storage_cfg": cfg.storage, "max_bytes": cfg.read.max_bytes}, batch_size=None
+    )
     ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg.decode}, batch_size=None)  # RGB uint8 + label
     ds = ds.map_batches(  # logits: float16 (C, h, w) at stride 8, raw_mask: uint8 (H, W)
         DeepLabPredictor,

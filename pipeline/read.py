@@ -20,7 +20,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-from pipeline.storage import StorageConfig, StorageOutage, filesystem, is_transient, read_bytes, redact
+from pipeline.storage import (
+    ObjectTooLarge,
+    StorageConfig,
+    StorageOutage,
+    filesystem,
+    is_transient,
+    read_bytes,
+    redact,
+)
 
 __all__ = ["fetch_batch", "OutageGuard"]
 
@@ -89,23 +97,29 @@ def _guard(cfg: StorageConfig) -> OutageGuard:
     return _guards[cfg]
 
 
-def _read(uri: str, cfg: StorageConfig) -> bytes:
+def _read(uri: str, cfg: StorageConfig, max_bytes: int | None = None) -> bytes:
     """read_bytes through the process's outage guard: a transient failure during an outage waits and retries."""
     guard = _guard(cfg)
     try:
-        data = read_bytes(uri, cfg)
+        data = read_bytes(uri, cfg, max_bytes=max_bytes)
     except Exception as e:
         transient = is_transient(e)
         guard.record(transient)
         if not (transient and guard.tripped()):
             raise
-        data = guard.wait(lambda: read_bytes(uri, cfg), _reason(e))  # StorageOutage if storage stays down
+        # StorageOutage if storage stays down
+        data = guard.wait(lambda: read_bytes(uri, cfg, max_bytes=max_bytes), _reason(e))
     guard.record(False)
     return data
 
 
-def fetch_batch(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> dict[str, np.ndarray]:
-    """Work items -> rows with IMAGE_BYTES / LABEL_BYTES, STATUS, ERROR and RETRYABLE. One bad object = one row."""
+def fetch_batch(
+    batch: dict[str, np.ndarray], storage_cfg: StorageConfig, max_bytes: int | None = None
+) -> dict[str, np.ndarray]:
+    """Work items -> rows with IMAGE_BYTES / LABEL_BYTES, STATUS, ERROR and RETRYABLE. One bad object = one row.
+
+    ``max_bytes`` (read.max_bytes): an image or label object over it is not read; its row is ``too_large``.
+    """
     n = len(batch[S.ID])
     image_bytes: list[bytes | None] = [None] * n
     label_bytes: list[bytes | None] = [None] * n
@@ -125,16 +139,19 @@ def fetch_batch(batch: dict[str, np.ndarray], storage_cfg: StorageConfig) -> dic
             if shard:
                 image_bytes[i], label_bytes[i] = shard_rows[(shard, image_id)]
             else:
-                image_bytes[i] = _read(source, storage_cfg)
+                image_bytes[i] = _read(source, storage_cfg, max_bytes)
         except StorageOutage:
             raise
+        except ObjectTooLarge as e:
+            status[i], error[i] = S.ErrorKind.TOO_LARGE, redact(str(e))
+            continue
         except Exception as e:  # noqa: BLE001 - any storage failure for this object is this row's error
             status[i], error[i] = S.ErrorKind.READ, redact(f"cannot read {source}: {_reason(e)}")
             retryable[i] = is_transient(e)
             continue
         if label_source and not shard:
             try:
-                label_bytes[i] = _read(label_source, storage_cfg)
+                label_bytes[i] = _read(label_source, storage_cfg, max_bytes)
             except StorageOutage:
                 raise
             except Exception as e:  # noqa: BLE001

@@ -8,6 +8,8 @@ carry a secret. Clients are created lazily per process (boto3 clients are not fo
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
 import tempfile
@@ -20,6 +22,7 @@ __all__ = [
     "StorageConfig",
     "StorageError",
     "StorageOutage",
+    "ObjectTooLarge",
     "is_transient",
     "is_s3",
     "split_s3",
@@ -121,38 +124,65 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-# S3 error codes that say nothing about the object itself: throttling, server trouble, expired or refused credentials.
+# S3 error codes that say nothing about the object itself: throttling, server trouble, expired credentials, clock.
+# Refused credentials (AccessDenied, InvalidAccessKeyId, SignatureDoesNotMatch) are not here: a re-run meets them
+# again, so a row that got one is permanent and a scheduler re-running on exit 75 does not loop.
 _TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequestsException",
     "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "BadGateway",
-    "ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "RequestExpired", "AccessDenied",
-    "InvalidAccessKeyId", "SignatureDoesNotMatch", "RequestTimeTooSkewed",
+    "ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "RequestExpired", "RequestTimeTooSkewed",
 }  # fmt: skip
+# OSError numbers of a network or a device that may answer next time; every other errno is about the object
+# (ENOENT, EACCES, ELOOP, ENAMETOOLONG, EISDIR, ...).
+_TRANSIENT_ERRNOS = {
+    errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH,
+    errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE, errno.EAGAIN, errno.EINTR, errno.EIO, errno.ESTALE,
+}  # fmt: skip
+# What pyarrow's S3 errors (an OSError without errno) say when the cause is the network or the service.
+_TRANSIENT_TEXT = (
+    "http status 5", "http status 429", "slow_down", "slowdown", "throttl", "network_connection",
+    "request_timeout", "requesttimeout", "timed out", "timeout", "curlcode: 28", "connection reset",
+    "connection refused", "service_unavailable", "serviceunavailable", "internal_failure", "internalerror",
+    "expired_token", "expiredtoken", "broken pipe",
+)  # fmt: skip
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True when a storage failure came from the environment (a re-run may succeed), False when from the object.
+    """True only for named causes a re-run may not meet: timeouts, resets, 5xx, throttling, expired credentials.
 
-    Permanent: the object is missing (404, NoSuchKey) or is a folder, or S3 rejects the request itself (other 4xx).
-    Transient: throttling, 5xx, timeouts, connection resets, expired or refused credentials, out of memory.
+    Everything else is about the object or the request and is permanent: missing, a folder, refused access, a
+    symlink loop, a name too long, over ``read.max_bytes``, any other 4xx.
     """
-    if isinstance(exc, FileNotFoundError | IsADirectoryError | NotADirectoryError):
-        return False
-    if isinstance(exc, MemoryError | ConnectionError | TimeoutError | PermissionError):
+    if isinstance(exc, TimeoutError | ConnectionError):
         return True
     try:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore import exceptions as bx
     except ImportError:  # pragma: no cover - boto3 is a dependency
-        BotoCoreError = ClientError = ()
-    if isinstance(exc, ClientError):
-        error = exc.response.get("Error", {})
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        return str(error.get("Code")) in _TRANSIENT_CODES or status >= 500 or status == 429
-    if isinstance(exc, BotoCoreError):  # connection, read timeout, credentials retrieval
-        return True
-    if isinstance(exc, OSError):  # pyarrow's S3 errors carry the HTTP story in the text
-        text = str(exc).lower()
-        return not any(m in text for m in ("404", "nosuchkey", "not found", "no such file"))
+        bx = None
+    if bx is not None:
+        if isinstance(exc, bx.ClientError):
+            error = exc.response.get("Error", {})
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            return str(error.get("Code")) in _TRANSIENT_CODES or status >= 500 or status == 429
+        # Timeouts, resets, closed connections, a truncated body, the credential provider not answering.
+        named = (
+            bx.ConnectionError,
+            bx.HTTPClientError,
+            bx.ResponseStreamingError,
+            bx.IncompleteReadError,
+            bx.CredentialRetrievalError,
+        )
+        if isinstance(exc, named):
+            return True
+        if isinstance(
+            exc, bx.BotoCoreError
+        ):  # parameter validation, unknown endpoint, no credentials: config
+            return False
+    if isinstance(exc, OSError):
+        if exc.errno is not None:
+            return exc.errno in _TRANSIENT_ERRNOS
+        text = str(exc).lower()  # pyarrow's S3 errors carry the HTTP story in the text
+        return any(m in text for m in _TRANSIENT_TEXT)
     return False
 
 
@@ -221,21 +251,42 @@ def filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
-def read_bytes(uri: str, cfg: StorageConfig) -> bytes:
+class ObjectTooLarge(ValueError):
+    """An object is over the byte limit the caller set; it was not read (a permanent, per-object error)."""
+
+
+def read_bytes(uri: str, cfg: StorageConfig, *, max_bytes: int | None = None) -> bytes:
     """Whole-object read. S3 goes through boto3, which keeps keys literal ('a/../b' is a legal key that pyarrow
-    would normalise away) and retries per ``cfg``; a missing object raises FileNotFoundError either way."""
+    would normalise away) and retries per ``cfg``; a missing object raises FileNotFoundError either way.
+
+    ``max_bytes``: refuse a bigger object before reading its body (ObjectTooLarge): the size comes from the GET's
+    headers on S3 and from fstat locally, so a 6 GB object never reaches memory.
+    """
     if is_s3(uri):
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
         try:
-            return s3_client(cfg).get_object(Bucket=bucket, Key=key)["Body"].read()
+            response = s3_client(cfg).get_object(Bucket=bucket, Key=key)
         except ClientError as e:
             if str(e.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404", "NoSuchBucket"):
                 raise FileNotFoundError(f"no object at {uri}") from e
             raise
+        body = response["Body"]
+        with contextlib.closing(body):
+            _check_size(int(response.get("ContentLength") or 0), max_bytes, uri)
+            return body.read()
     with open(Path(uri).expanduser(), "rb") as f:
+        _check_size(os.fstat(f.fileno()).st_size, max_bytes, uri)
         return f.read()
+
+
+def _check_size(size: int, max_bytes: int | None, uri: str) -> None:
+    if max_bytes is not None and size > max_bytes:
+        raise ObjectTooLarge(
+            f"{uri} is {size:,} bytes, over read.max_bytes ({max_bytes:,}): not read; raise read.max_bytes "
+            "if such objects are images"
+        )
 
 
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig) -> None:

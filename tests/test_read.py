@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
 import numpy as np
 import pytest
-from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, ReadTimeoutError
 
 from pipeline import schema as S
 from pipeline.read import OutageGuard, fetch_batch
@@ -23,13 +25,16 @@ def test_transient_storage_failures_are_told_from_the_objects_own():
         _client_error("SlowDown", 503),
         _client_error("InternalError", 500),
         _client_error("ExpiredToken", 400),
-        _client_error("AccessDenied", 403),
         _client_error("Whatever", 502),
+        _client_error("TooManyRequests", 429),
         EndpointConnectionError(endpoint_url="http://127.0.0.1:1"),
         ReadTimeoutError(endpoint_url="http://127.0.0.1:1"),
+        ConnectTimeoutError(endpoint_url="http://127.0.0.1:1"),
         ConnectionResetError(104, "Connection reset by peer"),
-        MemoryError(),
+        TimeoutError("timed out"),
+        OSError(errno.ETIMEDOUT, "Connection timed out"),
         OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7"),
+        OSError("AWS Error UNKNOWN (HTTP status 503) during GetObject operation: Service Unavailable"),
     ]
     permanent = [
         FileNotFoundError("no object at s3://b/k"),
@@ -37,6 +42,15 @@ def test_transient_storage_failures_are_told_from_the_objects_own():
         _client_error("InvalidRange", 416),
         _client_error("InvalidObjectState", 403),
         ValueError("not a storage error"),
+        # Refused access to one object, local file trouble and memory are the object's (or the job's), not storage
+        # weather: a re-run meets them again, so retrying them would loop a scheduler that re-runs on exit 75.
+        _client_error("AccessDenied", 403),
+        PermissionError(errno.EACCES, "Permission denied"),
+        OSError(errno.ELOOP, "Too many levels of symbolic links"),
+        OSError(errno.ENAMETOOLONG, "File name too long"),
+        OSError(errno.EISDIR, "Is a directory"),
+        OSError("AWS Error ACCESS_DENIED during GetObject operation: Access Denied"),
+        MemoryError(),
     ]
     assert [is_transient(e) for e in transient] == [True] * len(transient)
     assert [is_transient(e) for e in permanent] == [False] * len(permanent)

@@ -15,7 +15,9 @@ columns) and the row adds nothing to the CRF metrics. A null ``raw_mask_png`` al
 
 from __future__ import annotations
 
+import datetime
 import io
+import json
 import logging
 import pickle
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,10 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from pipeline import report, storage
+from pipeline import report, report_time, storage
+from pipeline.labels import MAX_LABEL_BYTES, decode_label_png
 from pipeline.metrics import BAND_SOURCES, VOC_CLASS_NAMES, MetricsAccumulator
 from pipeline.schema import ERROR, ID, LABEL_SOURCE, OK, SOURCE, STATUS
 from pipeline.schema import class_names as schema_class_names
@@ -51,6 +55,8 @@ CONFUSION_RAW = "confusion_raw"
 CONFUSION_CRF = "confusion_crf"
 NUM_CLASSES = "num_classes"
 MODEL_VARIANT = "model_variant"
+MODEL_DIGEST = "model_digest"
+MANIFEST = "_manifest.json"  # written by the segment job beside masks/ (pipeline/write.py)
 CRF_NODE = "crf_node"
 EVAL_COLUMNS = (
     *(ID, SOURCE, LABEL_SOURCE, STATUS, ERROR),
@@ -81,17 +87,6 @@ def decode_mask_png(data: bytes) -> np.ndarray:
         return np.array(im, dtype=np.uint8)
 
 
-def decode_label_png(data: bytes) -> np.ndarray:
-    """Ground-truth PNG (palette or grayscale; pixel value = class index, 255 = void) -> uint8 (H, W)."""
-    with Image.open(io.BytesIO(data)) as im:
-        # Palette indices are the classes (VOC SegmentationClass): never convert through the palette's colours.
-        if im.mode not in ("P", "L"):
-            raise ValueError(
-                f"label PNG must be a palette (P) or grayscale (L) image of class indices, got {im.mode}"
-            )
-        return np.array(im, dtype=np.uint8)
-
-
 def _label_uri(row: dict, labels_uri: str | None) -> str | None:
     if labels_uri:
         return storage.join(labels_uri, f"{row[ID]}.png")
@@ -119,7 +114,7 @@ def _evaluate_row(row: dict, setup: EvalSetup, acc: MetricsAccumulator) -> None:
         acc.add_unlabelled()
         return
     try:
-        gt = decode_label_png(storage.read_bytes(label_uri, setup.storage_cfg))
+        gt = decode_label_png(storage.read_bytes(label_uri, setup.storage_cfg, max_bytes=MAX_LABEL_BYTES))
         raw, crf = _masks(row)
         acc.add_image(
             image_id, gt, raw, crf, stored_raw=row.get(CONFUSION_RAW), stored_crf=row.get(CONFUSION_CRF)
@@ -253,6 +248,67 @@ def _load_examples(
     return out
 
 
+def _written_utc(output_uri: str, cfg: storage.StorageConfig) -> tuple[str, str] | None:
+    """The oldest and newest modification time of the Parquet parts (one listing), as UTC minutes."""
+    try:
+        fs, path = storage.filesystem(storage.join(output_uri, "masks"), cfg)
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    except (OSError, ValueError) as e:
+        log.warning("part times of %s unknown: %s", output_uri, storage.redact(str(e)))
+        return None
+    times = sorted(i.mtime for i in infos if i.path.endswith(".parquet") and i.mtime is not None)
+    if not times:
+        return None
+
+    def utc(t: datetime.datetime) -> str:
+        t = t if t.tzinfo else t.replace(tzinfo=datetime.UTC)
+        return t.astimezone(datetime.UTC).strftime("%Y-%m-%d %H:%M")
+
+    return utc(times[0]), utc(times[-1])
+
+
+def _read_manifest(output_uri: str, cfg: storage.StorageConfig) -> dict:
+    """The segment job's manifest when there is one (a report made after the run, e.g. from a local copy)."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(output_uri, MANIFEST), cfg))
+    except (OSError, ValueError):
+        return {}
+
+
+def _run_facts(
+    fs, paths: list[str], output_uri: str, cfg: storage.StorageConfig, prices: report_time.Prices,
+    run_summary: dict | None,
+) -> dict:  # fmt: skip
+    """Where, when, which model and where the time went, for the report header (``report/run.json``).
+
+    A column-only pass over the parts (status, timings, nodes, digest), one row group at a time."""
+    samples = report_time.TimingSamples()
+    digests: set[str] = set()
+    for path in paths:
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            cols = report_time.timing_columns(names) + ([MODEL_DIGEST] if MODEL_DIGEST in names else [])
+            for batch in pf.iter_batches(batch_size=65536, columns=cols):
+                table = pa.Table.from_batches([batch])
+                samples.add(table)
+                if MODEL_DIGEST in names:
+                    digests.update(d for d in pc.unique(table[MODEL_DIGEST]).to_pylist() if d)
+    manifest = _read_manifest(output_uri, cfg)
+    run = run_summary if run_summary is not None else manifest.get("run") or {}
+    timing = report_time.summarize_timing(
+        samples, prices=prices, wall_s=run.get("wall_s"), wall_images=run.get("processed")
+    )
+    original = ((manifest.get("config") or {}).get("write") or {}).get("output_uri")
+    return report_time.run_facts(
+        output_uri,
+        timing=timing,
+        original_output=original,
+        model_digests=sorted(digests),
+        written_utc=_written_utc(output_uri, cfg),
+    )
+
+
 def evaluate_output(
     output_uri: str,
     *,
@@ -265,6 +321,8 @@ def evaluate_output(
     band_source: str = "auto",
     num_overlays: int = 3,
     write_report: bool = True,
+    prices: report_time.Prices | None = None,
+    run_summary: dict | None = None,
 ) -> dict:
     """Recompute every metric of ``output_uri`` from its Parquet masks and the ground truth; write the report.
 
@@ -314,11 +372,17 @@ def evaluate_output(
         best = list(reversed(ranked[num_overlays:][-num_overlays:])) if num_overlays else []
         ids = {s.image_id: "worst" for s in worst} | {s.image_id: "best" for s in best}
         examples = _load_examples(fs, paths, ids, setup, acc)
+        try:
+            run = _run_facts(fs, paths, output_uri, storage_cfg, prices or report_time.Prices(), run_summary)
+        except (OSError, ValueError, pa.ArrowException) as e:  # the header loses its timing, the report stays
+            log.warning("run facts of %s unavailable: %s", output_uri, storage.redact(str(e)))
+            run = None
         report.write_report(
             metrics,
             storage.join(output_uri, "report"),
             storage_cfg=storage_cfg,
             examples=examples,
             per_image=acc.sorted_images(),
+            run=run,
         )
     return metrics

@@ -1,16 +1,20 @@
 """Report stage (end of the flow): ``metrics.json``, ``report.md`` and a self-contained ``report.html`` from the sums.
 
 ``build_metrics`` turns a ``MetricsAccumulator`` into the machine-readable document (values are fractions in
-[0, 1]; the human reports show percentages like the paper). ``write_report`` renders the figures with matplotlib's
-Agg canvas (no pyplot, no global backend switch), writes them under ``report/figures/`` for the Markdown and
-embeds them as base64 PNG in the HTML, which therefore opens offline (no external CSS, JS or images).
+[0, 1]; the human reports show percentages like the paper). ``write_report`` renders the figures
+(``pipeline/report_figures.py``: matplotlib's Agg canvas, no pyplot), writes them under ``report/figures/`` for the
+Markdown and embeds them as base64 PNG in the HTML, which therefore opens offline (no external CSS, JS or images).
+
+The page answers first (where the output is, mean IoU no CRF -> CRF, pixel accuracy, images and errors, model,
+time and cost per image), then each table beside its figure, a gallery of the worst and best images, and where the
+time went (``pipeline/report_time.py``). ``report.md`` has the same sections in the same order. Image ids and
+class names are untrusted text: escaped in both (``pipeline/report_page.py``), plain text in figures, and
+``per_image.csv`` guards them against spreadsheet formula injection.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
 import logging
@@ -18,12 +22,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from PIL import Image
 
-from pipeline import schema, storage
+from pipeline import report_figures as figures
+from pipeline import report_time, storage
 from pipeline.metrics import BAND_SOURCES, ImageScore, MetricsAccumulator, summarize
+from pipeline.report_figures import voc_palette
+from pipeline.report_page import (
+    Fig,
+    Gallery,
+    Headline,
+    Pair,
+    Section,
+    Table,
+    csv_cell,
+    plain_text_figures,
+    render_md,
+    render_page,
+)
 
 __all__ = [
     "METRICS_SCHEMA_VERSION",
@@ -52,7 +67,6 @@ BAND_RULES = {
     "with a 4-neighbour of another non-void class (labels without a void band)",
 }
 _HIST_BINS = 10
-_OVERLAY_MAX_SIDE = 320
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,227 +185,87 @@ def build_metrics(
 
 
 # -- figures ----------------------------------------------------------------------------------------------------------
-def voc_palette() -> np.ndarray:
-    """uint8 (256, 3): the PASCAL VOC colour map (index 255 = void, light beige)."""
-    return np.array(schema.voc_palette(), dtype=np.uint8).reshape(256, 3)
-
-
-def _png(fig: Figure) -> bytes:
-    FigureCanvasAgg(fig)  # explicit Agg canvas: no pyplot, works headless
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _pct(v: float | None) -> float:
-    return float("nan") if v is None else 100.0 * v
-
-
-def _class_iou_figure(metrics: dict) -> bytes:
-    names = metrics["class_names"]
-    x = np.arange(len(names))
-    fig = Figure(figsize=(max(6.0, 0.45 * len(names) + 2), 4))
-    ax = fig.add_subplot()
-    series = [("no CRF", metrics["raw"])] + ([("CRF", metrics["crf"])] if metrics["crf"] else [])
-    width = 0.8 / len(series)
-    for k, (label, m) in enumerate(series):
-        ax.bar(
-            x + (k - (len(series) - 1) / 2) * width, [_pct(v) for v in m["per_class_iou"]], width, label=label
-        )
-    ax.set_xticks(x, names, rotation=60, ha="right")
-    ax.set_ylabel("IoU (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Per-class IoU (absent classes have no bar)")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
-
-
-def _confusion_figure(metrics: dict) -> bytes:
-    which = "crf" if metrics["crf"] else "raw"
-    conf = np.asarray(metrics[which]["confusion"], dtype=np.float64)
-    rows = conf.sum(axis=1, keepdims=True)
-    norm = np.divide(conf, rows, out=np.zeros_like(conf), where=rows > 0)  # row-normalised: recall per class
-    names = metrics["class_names"]
-    n = len(names)
-    side = max(5.0, 0.4 * n + 2)
-    fig = Figure(figsize=(side, side))
-    ax = fig.add_subplot()
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(np.arange(n), names, rotation=90)
-    ax.set_yticks(np.arange(n), names)
-    ax.set_xlabel("prediction")
-    ax.set_ylabel("ground truth")
-    ax.set_title(f"Confusion matrix ({'CRF' if which == 'crf' else 'no CRF'}), rows normalised")
-    if n <= 25:
-        for i in range(n):
-            for j in range(n):
-                if norm[i, j] >= 0.005:
-                    ax.text(
-                        j,
-                        i,
-                        f"{100 * norm[i, j]:.0f}",
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        color="white" if norm[i, j] > 0.5 else "black",
-                    )
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    return _png(fig)
-
-
-def _trimap_figure(metrics: dict) -> bytes:
-    t = metrics["trimap"]
-    fig = Figure(figsize=(10, 4))
-    for k, key in enumerate(("mean_iou", "pixel_accuracy")):
-        ax = fig.add_subplot(1, 2, k + 1)
-        ax.plot(t["widths"], [_pct(v) for v in t["raw"][key]], "o-", ms=3, label="no CRF")
-        if t["crf"]:
-            ax.plot(t["widths"], [_pct(v) for v in t["crf"][key]], "s-", ms=3, label="CRF")
-        ax.set_xlabel("trimap width (pixels)")
-        ax.set_ylabel(("mean IoU" if key == "mean_iou" else "pixel accuracy") + " (%)")
-        ax.set_title(
-            f"{'Mean IoU' if key == 'mean_iou' else 'Pixel accuracy'} in the band ({t['band_source']})"
-        )
-        ax.grid(alpha=0.3)
-        ax.legend()
-    return _png(fig)
-
-
-def _per_image_figure(metrics: dict) -> bytes | None:
-    p = metrics["per_image"]
-    if not p["mean_iou_raw"]:
-        return None
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
-    edges = np.asarray(p["mean_iou_raw"]["histogram"]["edges"]) * 100
-    centers, w = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
-    series = [("no CRF", p["mean_iou_raw"])] + ([("CRF", p["mean_iou_crf"])] if p["mean_iou_crf"] else [])
-    for k, (label, d) in enumerate(series):
-        ax.bar(
-            centers + (k - (len(series) - 1) / 2) * w * 0.4, d["histogram"]["counts"], w * 0.4, label=label
-        )
-    ax.set_xlabel("per-image mean IoU (%)")
-    ax.set_ylabel("images")
-    ax.set_title("Per-image mean IoU")
-    ax.legend()
-    return _png(fig)
-
-
-def _shrink(a: np.ndarray, resample: int) -> np.ndarray:
-    h, w = a.shape[:2]
-    scale = _OVERLAY_MAX_SIDE / max(h, w)
-    if scale >= 1:
-        return a
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return np.asarray(Image.fromarray(a).resize(size, resample))
-
-
-def _overlay_figure(ex: OverlayExample, palette: np.ndarray) -> bytes:
-    image = _shrink(ex.image, Image.Resampling.BILINEAR) if ex.image is not None else None
-
-    def colour(mask: np.ndarray) -> np.ndarray:
-        rgb = palette[_shrink(mask, Image.Resampling.NEAREST)]
-        if image is None:
-            return rgb
-        return (0.45 * image + 0.55 * rgb).astype(np.uint8)  # mask over the image, the image still readable
-
-    panels = [("image", image)] if image is not None else []
-    panels += [("no CRF", colour(ex.raw))]
-    if ex.crf is not None:
-        panels += [("CRF", colour(ex.crf))]
-    panels += [("ground truth", colour(ex.gt))]
-    h, w = panels[-1][1].shape[:2]
-    fig = Figure(figsize=(2.6 * len(panels) * max(w / h, 0.5), 2.9))
-    for k, (title, arr) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
-        ax.imshow(arr, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    miou = ", ".join(
-        f"{name} mIoU {_pct(v):.1f}%"
-        for name, v in (("no CRF", ex.mean_iou_raw), ("CRF", ex.mean_iou_crf))
-        if v is not None
-    )
-    fig.suptitle(f"{ex.kind}: {ex.image_id} ({miou})", fontsize=9)
-    return _png(fig)
-
-
 def render_figures(metrics: dict, examples: Sequence[OverlayExample] = ()) -> dict[str, bytes]:
     """name -> PNG bytes: class_iou, confusion, trimap, per_image (if any image), overlay_<kind>_<k>."""
-    figs = {
-        "class_iou": _class_iou_figure(metrics),
-        "confusion": _confusion_figure(metrics),
-        "trimap": _trimap_figure(metrics),
-    }
-    per_image = _per_image_figure(metrics)
+    with plain_text_figures():
+        figs = {
+            "class_iou": figures.class_iou_figure(metrics),
+            "confusion": figures.confusion_figure(metrics),
+            "trimap": figures.trimap_figure(metrics),
+        }
+        per_image = figures.per_image_figure(metrics)
     if per_image is not None:
         figs["per_image"] = per_image
     palette = voc_palette()
-    counts: dict[str, int] = {}
-    for ex in examples:
-        k = counts.get(ex.kind, 0)
-        counts[ex.kind] = k + 1
-        figs[f"overlay_{ex.kind}_{k}"] = _overlay_figure(ex, palette)
+    for name, ex in _named_examples(examples):
+        figs[name] = figures.overlay_strip(ex, palette)
     return figs
 
 
-# -- tables -----------------------------------------------------------------------------------------------------------
+def _named_examples(examples: Sequence[OverlayExample]) -> list[tuple[str, OverlayExample]]:
+    counts: dict[str, int] = {}
+    out = []
+    for ex in examples:
+        k = counts.get(ex.kind, 0)
+        counts[ex.kind] = k + 1
+        out.append((f"overlay_{ex.kind}_{k}", ex))
+    return out
+
+
+# -- sections: one structure for report.md and report.html, so they can't disagree ---------------------------------
 def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
-def _tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
-    """(title, header, rows) for both renderers, so the Markdown and the HTML can't disagree."""
+def _model_tables(metrics: dict) -> list[Table]:
     raw, crf = metrics["raw"], metrics["crf"] or {}
     model = ", ".join(metrics["model_variants"]) or "model"
-    tables = [
-        (
-            "Mean IoU (%), paper Table 1 style",
-            ["model", "no CRF", "CRF"],
-            [[model, _fmt(raw["mean_iou"]), _fmt(crf.get("mean_iou"))]],
-        ),
-        (
-            "All metrics (%)",
-            ["metric", "no CRF", "CRF"],
-            [
-                [name, _fmt(raw[key]), _fmt(crf.get(key))]
-                for name, key in (
-                    ("mean IoU", "mean_iou"),
-                    ("pixel accuracy", "pixel_accuracy"),
-                    ("mean class accuracy", "mean_accuracy"),
-                    ("frequency-weighted IoU", "fw_iou"),
-                )
-            ],
-        ),
-        (
-            "Per-class IoU (%), '-' = absent from ground truth and prediction",
-            ["class", "no CRF", "CRF"],
-            [
-                [f"{i} {name}", _fmt(raw["per_class_iou"][i]), _fmt(crf["per_class_iou"][i] if crf else None)]
-                for i, name in enumerate(metrics["class_names"])
-            ],
-        ),
+    metric_rows = [
+        [name, _fmt(raw[key]), _fmt(crf.get(key))]
+        for name, key in (
+            ("mean IoU", "mean_iou"),
+            ("pixel accuracy", "pixel_accuracy"),
+            ("mean class accuracy", "mean_accuracy"),
+            ("frequency-weighted IoU", "fw_iou"),
+        )
     ]
+    return [
+        Table(["model", "no CRF", "CRF"], [[model, _fmt(raw["mean_iou"]), _fmt(crf.get("mean_iou"))]],
+              "Mean IoU (%), paper Table 1 style"),
+        Table(["metric", "no CRF", "CRF"], metric_rows, "All metrics (%)"),
+    ]  # fmt: skip
+
+
+def _class_table(metrics: dict) -> Table:
+    raw, crf = metrics["raw"], metrics["crf"]
+    rows = [
+        [f"{i} {name}", _fmt(raw["per_class_iou"][i]), _fmt(crf["per_class_iou"][i] if crf else None)]
+        for i, name in enumerate(metrics["class_names"])
+    ]
+    return Table(
+        ["class", "no CRF", "CRF"], rows, "Per-class IoU (%), '-' = absent from ground truth and prediction"
+    )
+
+
+def _trimap_table(metrics: dict) -> Table:
     t = metrics["trimap"]
     shown = [i for i, w in enumerate(t["widths"]) if w in (1, 2, 3, 5, 10, 20, 30, 40)] or list(
         range(len(t["widths"]))
     )
-    tables.append(
-        (
-            f"Trimap: mean IoU (%) in the band around {'the void band' if t['band_source'] == 'void' else 'label edges'}",
-            ["width", "no CRF", "CRF", "band pixels"],
-            [
-                [
-                    str(t["widths"][i]),
-                    _fmt(t["raw"]["mean_iou"][i]),
-                    _fmt(t["crf"]["mean_iou"][i] if t["crf"] else None),
-                    str(t["raw"]["num_pixels"][i]),
-                ]
-                for i in shown
-            ],
-        )
-    )
+    rows = [
+        [
+            str(t["widths"][i]),
+            _fmt(t["raw"]["mean_iou"][i]),
+            _fmt(t["crf"]["mean_iou"][i] if t["crf"] else None),
+            str(t["raw"]["num_pixels"][i]),
+        ]
+        for i in shown
+    ]
+    around = "the void band" if t["band_source"] == "void" else "label edges"
+    return Table(["width", "no CRF", "CRF", "band pixels"], rows, f"Mean IoU (%) in the band around {around}")
+
+
+def _per_image_tables(metrics: dict) -> list[Table]:
     p = metrics["per_image"]
     dist_rows = []
     for name, key in (("no CRF", "mean_iou_raw"), ("CRF", "mean_iou_crf")):
@@ -400,20 +274,16 @@ def _tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
             dist_rows.append(
                 [name, str(d["count"])] + [_fmt(d[k]) for k in ("mean", "min", "p10", "median", "p90", "max")]
             )
-    tables.append(
-        (
-            "Per-image mean IoU (%)",
-            ["model", "images", "mean", "min", "p10", "median", "p90", "max"],
-            dist_rows,
-        )
-    )
-    tables.append(
-        (
-            f"Worst images (by {'CRF' if p['ranked_by'] == 'crf' else 'no-CRF'} mean IoU)",
-            ["image_id", "no CRF", "CRF"],
-            [[r["image_id"], _fmt(r["mean_iou_raw"]), _fmt(r["mean_iou_crf"])] for r in p["worst"]],
-        )
-    )
+    ranked = "CRF" if p["ranked_by"] == "crf" else "no-CRF"
+    worst = [[r["image_id"], _fmt(r["mean_iou_raw"]), _fmt(r["mean_iou_crf"])] for r in p["worst"]]
+    return [
+        Table(["model", "images", "mean", "min", "p10", "median", "p90", "max"], dist_rows,
+              "Per-image mean IoU (%)"),
+        Table(["image_id", "no CRF", "CRF"], worst, f"Worst images (by {ranked} mean IoU)"),
+    ]  # fmt: skip
+
+
+def _rows_table(metrics: dict) -> Table:
     counts = [
         ["evaluated images", str(metrics["num_images"])],
         ["images with a CRF mask", str(metrics["num_crf_images"])],
@@ -423,23 +293,21 @@ def _tables(metrics: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         ["ok rows not evaluable here", str(metrics["num_eval_errors"])],
         ["stored confusion != recomputed", str(metrics["num_confusion_mismatches"])],
     ]
-    tables.append(("Rows", ["", "count"], counts))
-    return tables
+    return Table(["", "count"], counts)
 
 
-_FIGURE_TITLES = {
-    "class_iou": "Per-class IoU",
-    "confusion": "Confusion matrix",
-    "trimap": "Trimap: accuracy near boundaries",
-    "per_image": "Per-image mean IoU distribution",
-}
-
-
-def _figure_title(name: str) -> str:
-    if name.startswith("overlay_"):
-        _, kind, k = name.split("_", 2)
-        return f"{kind.capitalize()} image {int(k) + 1}"
-    return _FIGURE_TITLES.get(name, name)
+def _gallery(examples: Sequence[OverlayExample]) -> Gallery | None:
+    items = []
+    for name, ex in _named_examples(examples):
+        k = int(name.rsplit("_", 1)[1]) + 1
+        scores = ", ".join(
+            f"{label} {_fmt(v)} %"
+            for label, v in (("no CRF", ex.mean_iou_raw), ("CRF", ex.mean_iou_crf))
+            if v is not None
+        )
+        panels = " / ".join(figures.overlay_panels(ex))
+        items.append((name, f"{ex.kind} {k}: {ex.image_id} (mean IoU {scores}); {panels}"))
+    return Gallery(items) if items else None
 
 
 def _notes(metrics: dict) -> list[str]:
@@ -448,56 +316,92 @@ def _notes(metrics: dict) -> list[str]:
         f"Mean IoU protocol: {metrics['mean_iou_protocol']}",
         f"Trimap band source: {t['band_source']} (requested: {t['band_source_requested']}; "
         f"{t['num_images_with_void']} of {metrics['num_images']} labelled images have void pixels). {t['band_rule']}.",
+        "per_image.csv: an image id that starts with = + - @, a tab or a carriage return is written with a leading "
+        "' so that a spreadsheet shows it as text and never runs it as a formula.",
     ]
 
 
-def render_markdown(metrics: dict, figure_names: Sequence[str]) -> str:
-    """report.md: tables plus figures referenced as ``figures/<name>.png`` (written beside it)."""
-    out = ["# Segmentation report", "", f"Output: `{metrics['output_uri']}`", ""]
-    out += [f"- {n}" for n in _notes(metrics)] + [""]
-    for title, header, rows in _tables(metrics):
-        out += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows] + [""]
-    out += ["## Figures", ""]
-    for name in figure_names:
-        out += [f"### {_figure_title(name)}", "", f"![{name}](figures/{name}.png)", ""]
-    return "\n".join(out)
+def _sections(
+    metrics: dict, figure_names: Sequence[str], examples: Sequence[OverlayExample], run: dict | None
+) -> list[Section]:
+    has = set(figure_names)
+
+    def fig(name: str, max_width_px: int | None = None) -> list:
+        return [Fig(name, max_width_px)] if name in has else []
+
+    notes = _notes(metrics)
+    gallery = _gallery(examples)
+    dist, worst = _per_image_tables(metrics)
+    images: list = [gallery] if gallery else ["No overlays: no scored image, or none could be read."]
+    sections = [
+        Section("classes", "Per-class IoU", [Pair([_class_table(metrics)], fig("class_iou"))]),
+        Section("metrics", "All metrics and the confusion matrix",
+                [Pair(_model_tables(metrics), fig("confusion", 720))]),
+        Section("trimap", "Accuracy near object boundaries (trimap)",
+                [Pair([_trimap_table(metrics)], fig("trimap")), notes[1]]),
+        Section("images", "Worst and best images", [*images, Pair([dist, worst], fig("per_image"))]),
+    ]  # fmt: skip
+    if run and run.get("timing"):
+        sections.append(report_time.time_section(run["timing"]))
+    sections.append(Section("rows", "Rows", [_rows_table(metrics), notes[0], notes[2]]))
+    return sections
 
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}
-td,th{border:1px solid #ccc;padding:3px 10px;text-align:right}
-td:first-child,th:first-child{text-align:left}
-th{background:#f0f0f0}
-img{max-width:100%;border:1px solid #eee}
-.note{color:#555;font-size:0.9em}
-"""
+def _headline(metrics: dict, run: dict | None) -> list[Headline]:
+    """The answer first: mean IoU and pixel accuracy (no CRF -> CRF), images, model, time and cost."""
+    raw, crf = metrics["raw"], metrics["crf"]
+    out = []
+    for label, key, ids in (("Mean IoU", "mean_iou", ("miou-raw", "miou-crf")),
+                            ("Pixel accuracy", "pixel_accuracy", ("pa-raw", "pa-crf"))):  # fmt: skip
+        if crf is None:
+            out.append(Headline(f"{label} (CRF off)", [(_fmt(raw[key]), ids[0]), (" %", None)]))
+            continue
+        big = [(_fmt(raw[key]), ids[0]), (" % → ", None), (_fmt(crf[key]), ids[1]), (" %", None)]
+        gain = (
+            ""
+            if raw[key] is None or crf[key] is None
+            else f"{100 * (crf[key] - raw[key]):+.2f} points with the CRF"
+        )
+        out.append(Headline(f"{label}: no CRF → CRF", big, gain))
+    ok_rows = metrics["num_images"] + metrics["num_unlabelled"] + metrics["num_eval_errors"]
+    errors = ", ".join(f"{k} {v}" for k, v in metrics["errors_by_status"].items())
+    small = f"{ok_rows} ok rows, {metrics['num_errors']} error rows" + (f" ({errors})" if errors else "")
+    if metrics["num_unlabelled"] or metrics["num_eval_errors"]:
+        small += (
+            f"; not scored: {metrics['num_unlabelled']} without a label, "
+            f"{metrics['num_eval_errors']} not evaluable here"
+        )
+    out.append(Headline("Images evaluated", [(str(metrics["num_images"]), "num-images")], small))
+    digests = (run or {}).get("model_digests") or []
+    variant = ", ".join(metrics["model_variants"]) or "unknown"
+    out.append(Headline("Model", [(variant, "model")], "; ".join(f"sha256 {d[:12]}" for d in digests)))
+    if run and run.get("timing"):
+        out += report_time.time_headline(run["timing"])
+    return out
 
 
-def render_html(metrics: dict, figures: dict[str, bytes]) -> str:
-    """report.html: self-contained (inline CSS, figures as base64 data URIs, no scripts)."""
-    e = html.escape
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>Segmentation report</title>',
-        f"<style>{_CSS}</style></head><body>",
-        "<h1>Segmentation report</h1>",
-        f"<p>Output: <code>{e(str(metrics['output_uri']))}</code></p>",
-    ]
-    out += [f'<p class="note">{e(n)}</p>' for n in _notes(metrics)]
-    for title, header, rows in _tables(metrics):
-        out.append(f"<h2>{e(title)}</h2><table>")
-        out.append("<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>")
-        out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows]
-        out.append("</table>")
-    out.append("<h2>Figures</h2>")
-    for name, png in figures.items():
-        data = base64.b64encode(png).decode("ascii")
-        out.append(f"<h3>{e(_figure_title(name))}</h3>")
-        out.append(f'<img alt="{e(name)}" src="data:image/png;base64,{data}">')
-    out.append("</body></html>")
-    return "\n".join(out)
+def render_markdown(
+    metrics: dict,
+    figure_names: Sequence[str],
+    run: dict | None = None,
+    examples: Sequence[OverlayExample] = (),
+) -> str:
+    """report.md: the sections of report.html in the same order; figures as ``figures/<name>.png`` beside it."""
+    sections = _sections(metrics, figure_names, examples, run)
+    where = report_time.where_lines(run, metrics["output_uri"])
+    return render_md("Segmentation report", where, _headline(metrics, run), sections, figure_names)
+
+
+def render_html(
+    metrics: dict,
+    figs: dict[str, bytes],
+    run: dict | None = None,
+    examples: Sequence[OverlayExample] = (),
+) -> str:
+    """report.html: self-contained (inline CSS, figures as base64 data URIs, no scripts); the answer first."""
+    sections = _sections(metrics, list(figs), examples, run)
+    where = report_time.where_lines(run, metrics["output_uri"])
+    return render_page("Segmentation report", where, _headline(metrics, run), sections, figs)
 
 
 def _per_image_csv(per_image: Sequence[ImageScore]) -> bytes:
@@ -509,7 +413,7 @@ def _per_image_csv(per_image: Sequence[ImageScore]) -> bytes:
     for s in per_image:
         writer.writerow(
             [
-                s.image_id,
+                csv_cell(s.image_id),  # formula-injection guard (report_page.csv_cell)
                 *(
                     "" if v is None else repr(v)
                     for v in (s.mean_iou_raw, s.mean_iou_crf, s.pixel_accuracy_raw, s.pixel_accuracy_crf)
@@ -527,8 +431,10 @@ def write_report(
     storage_cfg: storage.StorageConfig,
     examples: Sequence[OverlayExample] = (),
     per_image: Sequence[ImageScore] = (),
+    run: dict | None = None,
 ) -> dict[str, str]:
-    """Write metrics.json, report.md, report.html, figures/*.png and per_image.csv under ``report_uri``.
+    """Write metrics.json, report.md, report.html, figures/*.png, per_image.csv, and run.json when ``run`` (the
+    facts of ``report_time.run_facts``: where, when, model digest, timing) is given, under ``report_uri``.
 
     Returns name -> URI of what was written.
     """
@@ -549,11 +455,13 @@ def write_report(
 
     # allow_nan=False: a NaN would make the file invalid JSON for strict parsers; None is the "absent" value.
     put("metrics.json", json.dumps(metrics, indent=1, allow_nan=False).encode())
-    figures = render_figures(metrics, examples)
-    for name, png in figures.items():
+    if run is not None:
+        put("run.json", json.dumps(run, indent=1, allow_nan=False).encode())
+    figs = render_figures(metrics, examples)
+    for name, png in figs.items():
         put(f"figures/{name}.png", png)
-    put("report.md", render_markdown(metrics, list(figures)).encode())
-    put("report.html", render_html(metrics, figures).encode())
+    put("report.md", render_markdown(metrics, list(figs), run, examples).encode())
+    put("report.html", render_html(metrics, figs, run, examples).encode())
     put("per_image.csv", _per_image_csv(per_image))
-    log.info("report written to %s (%d figures)", report_uri, len(figures))
+    log.info("report written to %s (%d figures)", report_uri, len(figs))
     return written

@@ -23,17 +23,16 @@ DeepLab v1 fixes the Gaussian kernel (pos_w = pos_xy_std = 3) and cross-validate
    search goes on.
 
 Outputs: ``OUT/tuning.json`` (every trial, the best, the default, timing), ``OUT/crf.yaml`` (a job-config fragment
-for ``deeplab segment --config``), ``OUT/report.md`` and ``OUT/report.html`` (heatmaps, default vs tuned, trimap).
+for ``deeplab segment --config``), ``OUT/report.md`` and ``OUT/report.html`` (``pipeline/tune_report.py``: the
+answer first, heatmaps, default vs tuned, trimap).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import dataclasses
 import datetime
 import hashlib
-import html
 import io
 import itertools
 import json
@@ -57,6 +56,7 @@ from pipeline import schema as S
 from pipeline import storage
 from pipeline.crf import CRFConfig, CRFRefiner
 from pipeline.metrics import MetricsAccumulator, confusion_matrix, summarize
+from pipeline.tune_report import render_reports
 
 __all__ = [
     "CRF_FIELDS",
@@ -931,176 +931,6 @@ def crf_yaml(doc: dict, dcnn: dict) -> str:
     if dcnn:
         body["dcnn"] = dcnn
     return "\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False)
-
-
-def _png(fig: Any) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return buf.getvalue()
-
-
-def _heatmap(doc: dict, rd: dict) -> tuple[bytes, list[list]] | None:
-    """mIoU over (bi_xy_std, bi_rgb_std) at the round's best bi_w (other fields at the round's best)."""
-    from matplotlib.figure import Figure
-
-    keys = set(rd["keys"])
-    trials = [t for t in doc["trials"] if t["key"] in keys and t["status"] == "ok"]
-    if not trials:
-        return None
-    top = min(trials, key=lambda t: (-t["mean_iou"], t["key"]))
-    fixed = [f for f in CRF_FIELDS if f not in ("bi_xy_std", "bi_rgb_std")]
-    plane = [t for t in trials if all(t["params"][f] == top["params"][f] for f in fixed)]
-    xs = sorted({t["params"]["bi_rgb_std"] for t in plane})
-    ys = sorted({t["params"]["bi_xy_std"] for t in plane})
-    grid = np.full((len(ys), len(xs)), np.nan)
-    for t in plane:
-        grid[ys.index(t["params"]["bi_xy_std"]), xs.index(t["params"]["bi_rgb_std"])] = 100 * t["mean_iou"]
-    fig = Figure(figsize=(1.2 + 0.75 * len(xs), 1.0 + 0.45 * len(ys)))
-    ax = fig.add_subplot()
-    im = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-    ax.set_xticks(range(len(xs)), [f"{v:g}" for v in xs])
-    ax.set_yticks(range(len(ys)), [f"{v:g}" for v in ys])
-    ax.set_xlabel("bi_rgb_std (sigma_beta)")
-    ax.set_ylabel("bi_xy_std (sigma_alpha)")
-    ax.set_title(f"round {rd['round']}: mIoU % at bi_w = {top['params']['bi_w']:g}")
-    finite = grid[np.isfinite(grid)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0
-    for i in range(len(ys)):
-        for j in range(len(xs)):
-            if np.isfinite(grid[i, j]):
-                ax.text(
-                    j,
-                    i,
-                    f"{grid[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="black" if grid[i, j] > mid else "white",
-                )
-    fig.colorbar(im, ax=ax, label="mean IoU %")
-    table = [
-        [f"{y:g}", *(f"{grid[i, j]:.2f}" if np.isfinite(grid[i, j]) else "" for j in range(len(xs)))]
-        for i, y in enumerate(ys)
-    ]
-    return _png(fig), [["bi_xy_std \\ bi_rgb_std", *(f"{x:g}" for x in xs)], *table]
-
-
-def _trimap_figure(doc: dict) -> bytes:
-    from matplotlib.figure import Figure
-
-    t = doc["trimap"]
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
-    for name, style in (("raw", ":"), ("default", "--"), ("best", "-")):
-        ys = [np.nan if v is None else 100 * v for v in t[name]]
-        ax.plot(
-            t["widths"], ys, style, label={"raw": "DCNN", "default": "CRF default", "best": "CRF tuned"}[name]
-        )
-    ax.set_xlabel(f"trimap width (px, band around {t['band_source']})")
-    ax.set_ylabel("mean IoU %")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return _png(fig)
-
-
-def _pct(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:.2f}"
-
-
-def _tables(doc: dict) -> list[tuple[str, list[list[str]]]]:
-    tm, best, default = doc["timing"], doc["best"], doc["default"]
-    summary = [
-        ["", "value"],
-        ["input", doc["input"]],
-        [
-            "model",
-            f"{doc['model']['variant']} (sha256 {doc['model']['digest'][:12]}), {doc['model']['num_classes']} classes",
-        ],
-        [
-            "images scored",
-            f"{doc['images']['scored']} of {doc['images']['chosen']} chosen ({doc['images']['labelled_available']} labelled)",
-        ],
-        [
-            "trials",
-            f"{len(doc['trials'])} ({tm['trials_run']} run now, {tm['trials_done_before']} recorded before)",
-        ],
-        ["search wall time", f"{tm['search_wall_s']:.1f} s on {tm['cpu_slots']:g} CPU slots"],
-        ["trials per second", "" if tm["trials_per_s"] is None else f"{tm['trials_per_s']:.3f}"],
-        [
-            "DCNN (logits once)",
-            f"{tm['dcnn_s']:.1f} s" + (" (cache reused)" if tm["logits_cache_reused"] else ""),
-        ],
-    ]
-    params = [["parameter", "default", "tuned"]] + [
-        [f, f"{default['crf'][f]}", f"{best['crf'][f]}"] for f in CRF_FIELDS
-    ]
-    scores = [
-        ["", "mean IoU %", "pixel accuracy %"],
-        ["DCNN (no CRF)", _pct(doc["raw"]["mean_iou"]), _pct(doc["raw"]["pixel_accuracy"])],
-        ["CRF, default parameters", _pct(default["mean_iou"]), _pct(default["pixel_accuracy"])],
-        ["CRF, tuned parameters", _pct(best["mean_iou"]), _pct(best["pixel_accuracy"])],
-    ]
-    t = doc["trimap"]
-    widths = [w for w in (1, 2, 3, 5, 10, 20, 40) if w in t["widths"]]
-    trimap = [["trimap width", *(str(w) for w in widths)]] + [
-        [name, *(_pct(t[key][t["widths"].index(w)]) for w in widths)]
-        for name, key in (("DCNN", "raw"), ("CRF default", "default"), ("CRF tuned", "best"))
-    ]
-    out = [
-        ("Run", summary),
-        ("Parameters", params),
-        ("Mean IoU", scores),
-        (f"Trimap mean IoU % (band around {t['band_source']})", trimap),
-    ]
-    failed = [t for t in doc["trials"] if t["status"] != "ok"]
-    if failed:
-        out.append(
-            (
-                "Failed trials",
-                [["trial", "params", "error"]]
-                + [[t["key"], json.dumps(t["params"]), t["error"] or ""] for t in failed],
-            )
-        )
-    return out
-
-
-def render_reports(doc: dict, rounds: list[dict]) -> tuple[str, str, dict[str, bytes]]:
-    figures: dict[str, bytes] = {}
-    heat_tables: list[tuple[str, list[list[str]]]] = []
-    for rd in rounds:
-        made = _heatmap(doc, rd)
-        if made is not None:
-            figures[f"heatmap_round{rd['round']}"] = made[0]
-            heat_tables.append((f"Round {rd['round']} mIoU % (bi_xy_std x bi_rgb_std)", made[1]))
-    figures["trimap"] = _trimap_figure(doc)
-    tables = _tables(doc) + heat_tables
-    md = ["# CRF tuning report", ""]
-    for title, rows in tables:
-        md += [f"## {title}", "", "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-        md += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows[1:]] + [""]
-    md += ["## Figures", ""] + [f"![{name}](figures/{name}.png)" for name in figures] + [""]
-    e = html.escape
-    page = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8"><title>CRF tuning report</title>',
-        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}</style></head><body>",
-        "<h1>CRF tuning report</h1>",
-    ]
-    for title, rows in tables:
-        page.append(f"<h2>{e(title)}</h2><table>")
-        page.append("<tr>" + "".join(f"<th>{e(str(c))}</th>" for c in rows[0]) + "</tr>")
-        page += ["<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows[1:]]
-        page.append("</table>")
-    for name, png in figures.items():
-        page.append(
-            f'<h3>{e(name)}</h3><img alt="{e(name)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
-        )
-    page.append("</body></html>")
-    return "\n".join(md), "\n".join(page), figures
 
 
 def _write_outputs(doc: dict, cfg: Any, out_uri: str) -> dict[str, str]:

@@ -329,3 +329,31 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(ray_local, tmp_path)
     assert all(r["status"] == "ok" and r["mean_iou"] is not None for r in by_sigma[3.0])
     on_disk = list_files(str(tmp_path / "cache" / "trials"), StorageConfig(), (".json",))
     assert len(on_disk) == 3
+
+
+def test_render_reports_answer_first_same_order_and_escaped():
+    """The tune-crf report from a tuning.json made in code: headline numbers first, report.md in the page's order,
+    untrusted text (an error message, the input URI) escaped."""
+    import re
+
+    from pipeline.tune import render_reports
+    from tests.test_report_browser import make_tune_doc
+
+    doc, rounds = make_tune_doc()
+    doc["input"] = "s3://b/<img src=x onerror=alert(1)>"
+    doc["trials"].append({**doc["trials"][0], "key": "bad", "status": "error", "mean_iou": None,
+                          "error": "ValueError: <script>x</script> | *y*"})  # fmt: skip
+    md, page, figures = render_reports(doc, rounds)
+    assert set(figures) == {"heatmap_round0", "heatmap_round1", "trimap"}
+    header = page[page.index("<header") : page.index("</header>")]
+    for element_id, value in (("miou-raw", doc["raw"]["mean_iou"]), ("miou-default", doc["default"]["mean_iou"]),
+                              ("miou-tuned", doc["best"]["mean_iou"])):  # fmt: skip
+        assert f'<span id="{element_id}">{100 * value:.2f}</span>' in header
+    assert "<script>" not in page and "<img src=x" not in page and "&lt;script&gt;" in page
+    assert "<script>" not in md and "\\| \\*y\\*" in md
+    html_titles = re.findall(r"<h2>([^<]+)</h2>", page)
+    md_titles = [line[3:] for line in md.splitlines() if line.startswith("## ")]
+    assert md_titles == html_titles == ["Default vs tuned", "Search rounds", "Run", "Failed trials"]
+    # Each heatmap beside its table.
+    search = page[page.index('<section id="search">') : page.index('<section id="run">')]
+    assert search.count('class="pair"') == 2 and 'id="fig-heatmap_round1"' in search

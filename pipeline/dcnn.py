@@ -14,6 +14,9 @@ input of an image up to 513 x 513 (514) is exactly Caffe's.
 
 Contract handed to the CRF stage: ``logits`` float16 (C, h, w) at stride 8, already cropped to the rows/columns
 that ``model.upsample_logits(logits, H, W, offset=upsample_offset)`` needs; ``raw_mask`` uint8 (H, W).
+With a CRF config (``crf.device: cuda``) the actor is the CRF stage too: it refines each row right after the
+network on the same device (``crf_torch.refine_probs``, from the same float16 logits the CRF stage would get) and
+emits ``mask``, ``crf_s`` and ``crf_node`` instead of ``logits`` and ``image``.
 
 On a GPU (docs/performance.md, "GPU check"): the actor uses CUDA exactly when Ray gave it GPUs and proves the
 device with a warm-up forward before it scores a row. Sub-batches are bounded by padded pixels
@@ -40,6 +43,7 @@ import torch
 from torch import Tensor
 
 from pipeline import schema
+from pipeline.crf import CRFConfig
 from pipeline.model import OUTPUT_STRIDE, DeepLab, upsample_logits
 from pipeline.storage import StorageConfig
 from pipeline.weights import CAFFE_MEAN_BGR, load_checkpoint
@@ -441,10 +445,17 @@ class DeepLabPredictor:
     (``max_errored_blocks=0``) or, with ``actor_task_retry_on_errors``, retry on the same broken process. The same
     batch failing on ``MAX_FAULT_RESTARTS`` fresh actors of one node raises ``DeviceFault`` and fails the job.
     Outside Ray the ``DeviceFault`` is raised.
+
+    ``crf_cfg`` (given when ``crf.device`` is cuda): refine each ok row here, on the DCNN's device, and return
+    the CRF stage's columns (``CRFRefiner``'s: ``mask``, ``crf_s``, ``crf_node``, no ``logits`` or ``image``); a
+    row whose CRF fails becomes ``crf_error`` (retryable when out of memory).
     """
 
-    def __init__(self, cfg: DCNNConfig, storage_cfg: StorageConfig | None = None) -> None:
+    def __init__(
+        self, cfg: DCNNConfig, storage_cfg: StorageConfig | None = None, crf_cfg: CRFConfig | None = None
+    ) -> None:
         self.cfg = cfg
+        self.crf_cfg = crf_cfg
         if cfg.num_threads is not None:
             torch.set_num_threads(cfg.num_threads)
         self.device = resolve_device(cfg.device)
@@ -472,6 +483,11 @@ class DeepLabPredictor:
         self.max_batch_pixels = cfg.max_batch_pixels  # lowered by out-of-memory errors
         self.in_ray_actor = _ray_gpu_ids() is not None
         self.node_id = _node_id()
+        if crf_cfg is not None and crf_cfg.device == "cuda" and self.device.type != "cuda":
+            raise ValueError(
+                f"crf.device is 'cuda' but this DCNN actor runs on {self.device}: plan the DCNN pool on GPUs "
+                "or set crf.device: cpu"
+            )
         self._warm_up()
         log.info(
             "DeepLabPredictor: %s (%s) on %s%s, node %s",
@@ -497,6 +513,9 @@ class DeepLabPredictor:
             ) from e
         if not finite and self.cfg.autocast == "none":
             raise RuntimeError(f"DCNN warm-up forward on {self.device} gave non-finite float32 logits")
+        if self.crf_cfg is not None:
+            probs = torch.full((2, 8, 8), 0.5, device=self.device)
+            self._refine(np.zeros((8, 8, 3), dtype=np.uint8), probs)  # a broken CRF fails the actor here too
 
     def _run(
         self, images: list[np.ndarray], size: tuple[int, int], *, autocast: str | None = None
@@ -586,6 +605,38 @@ class DeepLabPredictor:
         logits = out.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().cpu().numpy()
         return mask, logits
 
+    def _refine(self, image: np.ndarray, probs: Tensor) -> np.ndarray:
+        from pipeline.crf import refine
+        from pipeline.crf_torch import refine_probs
+
+        assert self.crf_cfg is not None
+        if self.crf_cfg.backend == "torch":
+            return refine_probs(image, probs, self.crf_cfg)
+        return refine(image, probs.cpu().numpy(), self.crf_cfg)
+
+    def _crf_row(self, image: np.ndarray, out: Tensor) -> tuple[np.ndarray | None, str | None, bool, float]:
+        """Refine one row on the DCNN's device -> (mask or None, error, retryable, seconds).
+
+        Starts from the float16 logits the CRF stage would get, so both paths refine the same probabilities.
+        """
+        start = time.perf_counter()
+        h, w = image.shape[:2]
+        kind, message, mask = None, None, None
+        try:
+            logits = out.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().float()
+            probs = torch.softmax(upsample_logits(logits, h, w, offset=self.model.upsample_offset), dim=0)
+            dev = self.device if self.crf_cfg.device == "cuda" else torch.device("cpu")
+            mask = self._refine(image, probs.to(dev))
+        except Exception as e:  # classified here, handled below without a reference to ``e``
+            kind = "fault" if _is_device_fault(e) else "oom" if _is_oom(e) else "error"
+            message = f"{type(e).__name__}: {e}"
+        if kind == "fault":
+            raise DeviceFault(message)
+        if kind == "oom":
+            _free_memory(self.device)
+        retryable = kind == "oom" or (message is not None and "MemoryError" in message)
+        return mask, message, retryable, time.perf_counter() - start
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
             out = self._predict(batch)
@@ -643,6 +694,8 @@ class DeepLabPredictor:
         logits_col: list[np.ndarray] = [empty_logits] * n
         mask_col: list[np.ndarray] = [empty_mask] * n
         seconds = np.zeros(n, dtype=np.float32)
+        crf_mask_col: list[np.ndarray] = [empty_mask] * n  # used when crf_cfg is set
+        crf_seconds = np.zeros(n, dtype=np.float64)
 
         todo = []
         for i in range(n):
@@ -701,6 +754,13 @@ class DeepLabPredictor:
                             fail(i, message)
                             continue
                         seconds[i] = forward_s + time.perf_counter() - t0  # .cpu() above synchronised
+                        if self.crf_cfg is not None:
+                            mask, message, again, crf_seconds[i] = self._crf_row(images[i], out)
+                            if mask is None:
+                                log.warning("CRF failed for %s: %s", batch[schema.ID][i], message)
+                                status[i], error[i], retryable[i] = schema.ErrorKind.CRF, message, again
+                            else:
+                                crf_mask_col[i] = mask
 
         out_batch = dict(batch)
         out_batch[schema.STATUS] = status
@@ -711,6 +771,11 @@ class DeepLabPredictor:
         out_batch[schema.RAW_MASK] = schema.object_column(mask_col)
         out_batch["dcnn_s"] = seconds
         out_batch["dcnn_node"] = np.array([self.node_id] * n, dtype=object)
+        if self.crf_cfg is not None:  # the CRF stage's columns; it drops the image and logits, so do we
+            del out_batch[schema.LOGITS], out_batch[schema.IMAGE]
+            out_batch[schema.MASK] = schema.object_column(crf_mask_col)
+            out_batch["crf_s"] = crf_seconds
+            out_batch["crf_node"] = np.array([self.node_id] * n, dtype=object)
         return schema.clean_text_columns(out_batch)
 
 

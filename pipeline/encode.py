@@ -49,11 +49,13 @@ class EncodeConfig:
     num_classes: C, the model's class count (confusion matrices are C x C).
     model_variant: model family/variant name (e.g. "DeepLab-LargeFOV").
     model_digest: checkpoint digest (e.g. "sha256:...").
+    max_retries: write.max_retries; a retryable row of that attempt (schema.ATTEMPT) is written permanent.
     """
 
     num_classes: int
     model_variant: str
     model_digest: str
+    max_retries: int = 3
 
     def __post_init__(self) -> None:
         if (
@@ -179,6 +181,14 @@ def encode_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, l
             logger.debug("%s: %s: %s", batch[schema.ID][i], e.kind, e.message)
         encode_s[i] = time.perf_counter() - start
 
+    attempts = [int(a) if not schema.is_missing(a) else 1 for a in column(schema.ATTEMPT)]
+    retryable = [bool(r) and s != schema.OK for r, s in zip(retryable, statuses, strict=True)]
+    for i, (again, attempt) in enumerate(zip(retryable, attempts, strict=True)):
+        if again and attempt >= cfg.max_retries:  # the last attempt: permanent, so re-runs on exit 75 end
+            retryable[i] = False
+            errors[i] = (
+                f"{errors[i]} (attempt {attempt} of write.max_retries {cfg.max_retries}: not retried again)"
+            )
     timings = {name: [_float_or_none(v) for v in column(name)] for name in schema.TIMING_COLUMNS}
     timings["encode_s"] = encode_s
     out: dict[str, list] = {
@@ -189,7 +199,8 @@ def encode_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, l
         schema.WIDTH: widths,
         schema.STATUS: statuses,
         schema.ERROR: errors,
-        schema.RETRYABLE: [bool(r) and s != schema.OK for r, s in zip(retryable, statuses, strict=True)],
+        schema.RETRYABLE: retryable,
+        schema.ATTEMPT: attempts,
         "mask_png": mask_png,
         "raw_mask_png": raw_mask_png,
         "confusion_raw": confusion_raw,

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,9 @@ from pipeline.crf import CRFRefiner
 from pipeline.decode import decode_batch
 from pipeline.encode import EncodeConfig, encode_batch, to_table
 from pipeline.plan import (
+    LIST_TASKS_IN_FLIGHT,
     PLAN_DIR,
+    UNITS_PER_TASK,
     UnitResult,
     detect_format,
     plan_source,
@@ -51,12 +53,15 @@ from pipeline.write import (
     MASKS_DIR,
     PartsSummary,
     apply_supersedes,
+    choose_keepers,
     commit_rows,
+    drop_duplicates,
     find_missing,
     index_parts,
     merge_index,
     merge_retry,
     pending_supersedes,
+    rows_of,
 )
 
 if TYPE_CHECKING:  # config and dcnn import torch; encode tasks import this module and need neither
@@ -232,25 +237,40 @@ _merge_retry_task = ray.remote(merge_retry)
 _supersede_task = ray.remote(apply_supersedes)
 _plan_task = ray.remote(plan_unit)
 _missing_task = ray.remote(find_missing)
+_rows_of_task = ray.remote(rows_of)
+_keepers_task = ray.remote(choose_keepers)
+_drop_task = ray.remote(drop_duplicates)
+
+
+@dataclass(frozen=True)
+class OutputIndex:
+    """What some parts (or plan files) hold, built and held in Ray, not here: ObjectRefs of an IdIndex of their
+    ids, of the RetryIndex of rows to retry and of an IdIndex of the ids with more than one row; and counts."""
+
+    done: ray.ObjectRef
+    retry: ray.ObjectRef
+    duplicated: ray.ObjectRef
+    summary: PartsSummary
 
 
 def index_files(
     files: list[str], storage_cfg: StorageConfig, *, with_status: bool = True, retry: str = "retryable"
-) -> tuple:
-    """(ObjectRefs of an IdIndex over the files' image ids and of the RetryIndex of rows to retry, PartsSummary):
-    built and held in Ray, not here."""
+) -> OutputIndex:
+    """Index the files in tasks of _FILES_PER_TASK; a file that cannot be read fails it (write.index_parts)."""
     groups = [files[i : i + _FILES_PER_TASK] for i in range(0, len(files), _FILES_PER_TASK)]
     refs = [
         _index_task.options(num_returns=4).remote(g, storage_cfg, with_status=with_status, retry=retry)
         for g in groups
     ]
-    index_ref, dup_ref = _merge_task.options(num_returns=2).remote(*[h for r in refs for h in r[:2]])
+    index_ref, count_ref, duplicated_ref = _merge_task.options(num_returns=3).remote(
+        *[h for r in refs for h in r[:2]]
+    )
     retry_ref = _merge_retry_task.remote(*[r[3] for r in refs])
     summary = PartsSummary()
     for part in ray.get([r[2] for r in refs]):
         summary.add(part)
-    summary.duplicates = ray.get(dup_ref)
-    return index_ref, retry_ref, summary
+    summary.duplicates = ray.get(count_ref)
+    return OutputIndex(index_ref, retry_ref, duplicated_ref, summary)
 
 
 def apply_pending(output_uri: str, storage_cfg: StorageConfig) -> int:
@@ -260,18 +280,28 @@ def apply_pending(output_uri: str, storage_cfg: StorageConfig) -> int:
     return sum(ray.get([_supersede_task.remote(c, output_uri, storage_cfg) for c in chunks]))
 
 
-def index_output(output_uri: str, storage_cfg: StorageConfig, *, retry: str = "retryable") -> tuple:
-    """Index the committed parts (after applying rows a killed run left aside); unreadable ones (torn local files of
-    a killed run) are removed: not done. Returns (index ref, retry ref, PartsSummary)."""
+def index_output(output_uri: str, storage_cfg: StorageConfig, *, retry: str = "retryable") -> OutputIndex:
+    """Index the committed parts (after applying rows a killed run left aside). Torn parts (read whole, not
+    Parquet: a killed run's local file) are removed: not done. A part that cannot be read fails the step."""
     replaced = apply_pending(output_uri, storage_cfg)
     if replaced:
         log.info("applied %d rows a previous run left aside to supersede committed ones", replaced)
     parts = list_files(join(output_uri, MASKS_DIR), storage_cfg, (".parquet",))
-    index_ref, retry_ref, summary = index_files(parts, storage_cfg, retry=retry)
-    for uri in summary.unreadable:
-        log.warning("removing unreadable part %s", uri)
+    index = index_files(parts, storage_cfg, retry=retry)
+    for uri in index.summary.unreadable:
+        log.warning("removing torn part %s", uri)
         delete(uri, storage_cfg)
-    return index_ref, retry_ref, summary
+    return index
+
+
+def repair_duplicates(output_uri: str, storage_cfg: StorageConfig, duplicated_ref) -> int:
+    """Keep one row per image id where parts hold several (write.choose_keepers: an ok row first, then the part
+    whose name sorts first), in tasks; return the rows removed. Deterministic: any run repairs alike."""
+    parts = list_files(join(output_uri, MASKS_DIR), storage_cfg, (".parquet",))
+    groups = [parts[i : i + _FILES_PER_TASK] for i in range(0, len(parts), _FILES_PER_TASK)]
+    found = [_rows_of_task.remote(g, duplicated_ref, storage_cfg) for g in groups]
+    keepers_ref = _keepers_task.remote(*found)
+    return sum(ray.get([_drop_task.remote(g, keepers_ref, storage_cfg) for g in groups]))
 
 
 @dataclass(frozen=True)
@@ -300,11 +330,17 @@ def plan_job(
     done_ref,
     retry_ref=None,
     *,
+    run_id: str = "dry-run",
+    clear_old_plans: bool = True,
     write_files: bool = True,
 ) -> JobPlan:
-    """List every input in Ray tasks (breadth first over units) into OUTPUT/_plan/, minus what ``done_ref`` holds
-    (plus the rows ``retry_ref`` names, to be superseded). ``write_files=False``: counts only, OUTPUT untouched
-    (``--dry-run``)."""
+    """List every input in Ray tasks (breadth first over units) into OUTPUT/_plan/<run_id>/, minus what
+    ``done_ref`` holds (plus the rows ``retry_ref`` names, to be superseded).
+
+    Each task lists up to UNITS_PER_TASK units (folders, shards) and at most LIST_TASKS_IN_FLIGHT run at once: the
+    driver holds the units still to list and the tasks' refs, never a row per image. ``clear_old_plans``: remove
+    earlier runs' plan folders first (only while holding an exclusive lease: another run's plan may be in use
+    otherwise). ``write_files=False``: counts only, OUTPUT untouched (``--dry-run``)."""
     fmt = read_cfg.input_format
     if fmt == "auto":
         fmt = detect_format(read_cfg.input_uri, storage_cfg)
@@ -313,14 +349,14 @@ def plan_job(
     if read_cfg.split and fmt == "voc":
         split_ids = frozenset(read_split(read_cfg.input_uri, read_cfg.split, storage_cfg))
     split_ref = ray.put(split_ids)
-    plan_uri = join(output_uri, PLAN_DIR)
-    if write_files:
-        delete_tree(plan_uri, storage_cfg)  # the last run's plan; this run lists afresh
+    plan_uri = join(output_uri, PLAN_DIR, run_id)
+    if write_files and clear_old_plans:
+        delete_tree(join(output_uri, PLAN_DIR), storage_cfg)
 
-    def submit(unit: tuple[str, str]):
+    def submit(units: list[tuple[str, str]]):
         return _plan_task.remote(
             source,
-            unit,
+            units,
             done_ref,
             plan_uri,
             storage_cfg,
@@ -330,35 +366,69 @@ def plan_job(
             write_files=write_files,
         )
 
-    pending = [submit(u) for u in root_units(source, storage_cfg)]
-    total, units = UnitResult(), 0
-    while pending:
-        # Many results per wait: one wait per result would cost O(units) each with 10k shards in flight.
-        ready, pending = ray.wait(pending, num_returns=min(len(pending), 256), timeout=0.5)
+    queue = deque(root_units(source, storage_cfg))
+    pending: list = []
+    total, tasks = UnitResult(), 0
+    while queue or pending:
+        while queue and len(pending) < LIST_TASKS_IN_FLIGHT:
+            # Manifests stream millions of rows each: one per task. Folders and shards: many per task.
+            take = 1 if queue[0][0] == "manifest" else min(UNITS_PER_TASK, len(queue))
+            pending.append(submit([queue.popleft() for _ in range(take)]))
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2)
         if not ready:
             ready, pending = ray.wait(pending, num_returns=1)
         for result in ray.get(ready):
-            units += 1
+            tasks += 1
             total.inputs += result.inputs
             total.todo += result.todo
             total.retried += result.retried
             total.labelled += result.labelled
             total.split_matched += result.split_matched
-            pending.extend(submit(u) for u in result.subunits)
+            queue.extend(result.subunits)
     if split_ids is not None and total.split_matched < len(split_ids):
         log.warning("%d ids of split %r have no image", len(split_ids) - total.split_matched, read_cfg.split)
-    return JobPlan(fmt, plan_uri, total.inputs, total.todo, total.labelled, units, total.retried)
+    return JobPlan(fmt, plan_uri, total.inputs, total.todo, total.labelled, tasks, total.retried)
 
 
 def verify_output(job_plan: JobPlan, output_uri: str, storage_cfg: StorageConfig) -> dict:
-    """The final check, in Ray tasks: every input id has a row, and no id is in two parts."""
-    index_ref, _, summary = index_output(output_uri, storage_cfg)
+    """The final check, in Ray tasks: every input id has a row, and no id is in two parts.
+
+    Ids with several rows (two runs at once on a store that ignores conditional writes, or an older version) are
+    repaired here, deterministically, instead of failing every re-run."""
+    index = index_output(output_uri, storage_cfg)
+    repaired = 0
+    if index.summary.duplicates:
+        log.warning("%d image ids have more than one row: keeping one each", index.summary.duplicates)
+        repaired = repair_duplicates(output_uri, storage_cfg, index.duplicated)
+        index = index_output(output_uri, storage_cfg)
     files = list_files(job_plan.inputs_uri, storage_cfg, (".parquet",))
     groups = [files[i : i + _FILES_PER_TASK] for i in range(0, len(files), _FILES_PER_TASK)]
     inputs, missing, examples = 0, 0, []
-    for n, m, ex in ray.get([_missing_task.remote(g, index_ref, storage_cfg) for g in groups]):
+    for n, m, ex in ray.get([_missing_task.remote(g, index.done, storage_cfg) for g in groups]):
         inputs, missing, examples = inputs + n, missing + m, (examples + ex)[:5]
-    return {"inputs": inputs, "missing": missing, "missing_examples": examples, "output": summary}
+    return {
+        "inputs": inputs,
+        "missing": missing,
+        "missing_examples": examples,
+        "output": index.summary,
+        "duplicates_removed": repaired,
+    }
+
+
+def duplicate_inputs(job_plan: JobPlan, storage_cfg: StorageConfig, limit: int = 6) -> tuple[int, list[dict]]:
+    """(image ids given to more than one input, up to ``limit`` of their rows as {image_id, source})."""
+    files = list_files(job_plan.inputs_uri, storage_cfg, (".parquet",))
+    index = index_files(files, storage_cfg, with_status=False)
+    if not index.summary.duplicates:
+        return 0, []
+    groups = [files[i : i + _FILES_PER_TASK] for i in range(0, len(files), _FILES_PER_TASK)]
+    rows: list[dict] = []
+    for table in ray.get(
+        [_rows_of_task.remote(g, index.duplicated, storage_cfg, (S.ID, S.SOURCE)) for g in groups]
+    ):
+        rows.extend(table.select([S.ID, S.SOURCE]).to_pylist())
+    rows.sort(key=lambda r: (r[S.ID], r[S.SOURCE]))
+    return index.summary.duplicates, rows[:limit]
 
 
 def run_single_process(

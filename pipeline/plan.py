@@ -50,6 +50,8 @@ from pipeline.storage import (
 __all__ = [
     "PLAN_DIR",
     "PLAN_SCHEMA",
+    "UNITS_PER_TASK",
+    "LIST_TASKS_IN_FLIGHT",
     "IMAGE_DIR",
     "LABEL_DIR",
     "SETS_DIR",
@@ -84,8 +86,17 @@ PLAN_SCHEMA = pa.schema(
         pa.field(
             S.SUPERSEDES, pa.string(), nullable=False
         ),  # the part holding an error row this item retries
+        pa.field(S.ATTEMPT, pa.int32(), nullable=False),  # this run's attempt at the item (1 unless retried)
     ]
 )
+INPUTS_COLUMNS = (
+    S.ID,
+    S.SOURCE,
+)  # what inputs/ files keep of each item: the final check and the duplicate check
+# Listing tasks: up to this many units per task (a tree of 1M one-image folders is 16k tasks, not 1M), and at most
+# _LIST_TASKS_IN_FLIGHT tasks at once (the driver holds their refs and the units still to list, nothing per image).
+UNITS_PER_TASK = 64
+LIST_TASKS_IN_FLIGHT = 16
 # Manifest columns: the first name present is used.
 _MANIFEST_IMAGE = ("image_uri", "source", "url", "image")
 _MANIFEST_LABEL = ("label_uri", "label_source", "label")
@@ -226,9 +237,7 @@ def _dir_items(
     names, subdirs = _list_level(source.image_root, rel, storage_cfg)
     names.sort()
     stems = [_strip_ext(n) for n in names]
-    counts = Counter(stems)
-    # image_id = key relative to the root without extension; colliding stems (a.jpg, a.png) keep their extension.
-    local_ids = [s if counts[s] == 1 else n for s, n in zip(stems, names, strict=True)]
+    local_ids = _local_ids(names, stems)
     prefix = f"{rel}/" if rel else ""
     ids = [prefix + i for i in local_ids]
     uris = [_uri(source.image_root, prefix + n) for n in names]
@@ -244,6 +253,20 @@ def _dir_items(
         labels = [_uri(source.label_root, prefix + by_stem[i]) if i in by_stem else None for i in local_ids]
     items = {S.ID: ids, S.SOURCE: uris, S.LABEL_SOURCE: labels, S.SHARD: [""] * len(ids)}
     return items, [prefix + d for d in sorted(subdirs)], matched
+
+
+def _local_ids(names: list[str], stems: list[str]) -> list[str]:
+    """image_id of each file in one folder: its name without extension, or its whole name where that would
+    collide with another file's id (a.jpg + a.png -> "a.jpg", "a.png"; also a.jpg.png beside them). Names in
+    a folder are unique, so this ends with ids as unique as the names."""
+    ids = list(stems)
+    while True:
+        counts = Counter(ids)
+        clash = [k for k, i in enumerate(ids) if counts[i] > 1 and ids[k] != names[k]]
+        if not clash:
+            return ids
+        for k in clash:
+            ids[k] = names[k]
 
 
 def _shard_items(shard_uri: str, storage_cfg: StorageConfig) -> dict[str, list]:
@@ -355,8 +378,8 @@ class UnitResult:
     subunits: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _unit_key(unit: tuple[str, str]) -> str:
-    return hashlib.sha1(f"{unit[0]}\0{unit[1]}".encode()).hexdigest()[:20]
+def _unit_key(units: list[tuple[str, str]]) -> str:
+    return hashlib.sha1(json.dumps(units).encode("utf-8", "surrogatepass")).hexdigest()[:20]
 
 
 def _write_table(table: pa.Table, uri: str, storage_cfg: StorageConfig) -> None:
@@ -365,9 +388,24 @@ def _write_table(table: pa.Table, uri: str, storage_cfg: StorageConfig) -> None:
     write_bytes(uri, buf.getvalue(), storage_cfg)
 
 
+def _list_units(
+    source: PlanSource,
+    units: list[tuple[str, str]],
+    storage_cfg: StorageConfig,
+    split_ids: frozenset[str] | None,
+    result: UnitResult,
+) -> Iterator[dict[str, list]]:
+    """The work items of several units as one stream; their subunits and split matches go into ``result``."""
+    for unit in units:
+        batches, subunits, matched = list_unit(source, unit, storage_cfg, split_ids)
+        result.subunits.extend(subunits)
+        result.split_matched += matched
+        yield from batches
+
+
 def plan_unit(
     source: PlanSource,
-    unit: tuple[str, str],
+    units: tuple[str, str] | list[tuple[str, str]],
     done: IdIndex,  # write.IdIndex: anything with contains(ids) -> bool array
     plan_uri: str,
     storage_cfg: StorageConfig,
@@ -377,16 +415,19 @@ def plan_unit(
     todo_rows_per_file: int = 250,
     write_files: bool = True,
 ) -> UnitResult:
-    """List one unit, drop what ``done`` holds (unless ``retry`` names its row), write its plan files; return counts.
+    """List some units (one task's share), drop what ``done`` holds (unless ``retry`` names its row), write their
+    plan files together; return counts.
 
     ``write_files=False`` (``deeplab segment --dry-run``): the same counts, nothing written.
 
     ``todo/`` files hold ``todo_rows_per_file`` items (read.items_per_block): each is one block of the job, read by
-    a short task that needs no CPU slot. ``inputs/`` files hold up to PLAN_ROWS_PER_FILE ids for the final check.
+    a short task that needs no CPU slot. ``inputs/`` files hold up to PLAN_ROWS_PER_FILE ids (and sources, which
+    the duplicate check names) for the final check.
     """
-    batches, subunits, matched = list_unit(source, unit, storage_cfg, split_ids)
-    result = UnitResult(split_matched=matched, subunits=subunits)
-    key = _unit_key(unit)
+    units = [units] if isinstance(units, tuple) else list(units)
+    result = UnitResult()
+    batches = _list_units(source, units, storage_cfg, split_ids, result)
+    key = _unit_key(units)
     pending = PLAN_SCHEMA.empty_table()  # todo rows not yet written (fewer than todo_rows_per_file)
     in_flight: list = []
     num_todo_files = 0
@@ -402,12 +443,14 @@ def plan_unit(
 
         for k, chunk in enumerate(_chunks(batches)):
             ids = chunk[S.ID]
-            supersedes = (
-                retry.parts_of(ids) if retry is not None and len(retry) else np.full(len(ids), "", object)
-            )
+            if retry is not None and len(retry):
+                supersedes, attempts = retry.lookup(ids)
+            else:
+                supersedes, attempts = np.full(len(ids), "", object), np.zeros(len(ids), np.int32)
             todo_rows = np.flatnonzero(~done.contains(ids) | (supersedes != ""))
-            table = pa.Table.from_pydict({**chunk, S.SUPERSEDES: supersedes.tolist()}, schema=PLAN_SCHEMA)
-            write(table.select([S.ID]), f"inputs/{key}-{k:06d}.parquet")
+            columns = {**chunk, S.SUPERSEDES: supersedes.tolist(), S.ATTEMPT: (attempts + 1).tolist()}
+            table = pa.Table.from_pydict(columns, schema=PLAN_SCHEMA)
+            write(table.select(list(INPUTS_COLUMNS)), f"inputs/{key}-{k:06d}.parquet")
             pending = pa.concat_tables([pending, table.take(todo_rows)])
             full = pending.num_rows - pending.num_rows % todo_rows_per_file
             for start in range(0, full, todo_rows_per_file):

@@ -168,6 +168,7 @@ def fetch_batch(
         S.SOURCE: batch[S.SOURCE],
         S.LABEL_SOURCE: batch[S.LABEL_SOURCE],
         S.SUPERSEDES: batch[S.SUPERSEDES] if S.SUPERSEDES in batch else np.full(n, "", dtype=object),
+        S.ATTEMPT: batch[S.ATTEMPT] if S.ATTEMPT in batch else np.ones(n, dtype=np.int32),
         S.STATUS: np.array(status, dtype=object),
         S.ERROR: np.array(error, dtype=object),
         S.RETRYABLE: retryable,

@@ -15,6 +15,7 @@ __all__ = [
     "STATUS",
     "ERROR",
     "RETRYABLE",
+    "ATTEMPT",
     "SHARD",
     "SUPERSEDES",
     "IMAGE_BYTES",
@@ -50,6 +51,7 @@ LABEL_SOURCE = "label_source"  # str | None, URI of the ground-truth PNG
 STATUS = "status"  # "ok" or an ErrorKind value
 ERROR = "error"  # str | None, human-readable reason
 RETRYABLE = "retryable"  # bool: the error came from the environment, not the image; a re-run retries the row
+ATTEMPT = "attempt"  # int: which attempt at this image the row is (1 = first run; a retried row counts up)
 SHARD = "shard"  # str, shard URI for shard inputs (the row's bytes live inside it), else ""
 SUPERSEDES = (
     "supersedes"  # str: name of the committed part whose row for this image this one replaces, else ""
@@ -98,6 +100,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field(STATUS, pa.string(), nullable=False),
         pa.field(ERROR, pa.string()),
         pa.field(RETRYABLE, pa.bool_(), nullable=False),
+        pa.field(ATTEMPT, pa.int32()),  # null in parts written before the column existed: read as 1
         pa.field("mask_png", pa.binary()),
         pa.field("raw_mask_png", pa.binary()),
         # Per-image confusion counts, flattened C*C int64 (row = ground truth, column = prediction), void skipped.

@@ -5,20 +5,24 @@
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import dataclasses
 import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
 from pipeline import schema as S
 from pipeline.config import JobConfig, resolve_crf
 from pipeline.encode import EncodeConfig
+from pipeline.identity import check_identity, identity_of
+from pipeline.lease import Lease, LeaseHeld
 from pipeline.logs import note_ray_session
-from pipeline.storage import StorageError, StorageOutage, check_access, list_files, read_bytes
+from pipeline.storage import StorageError, StorageOutage, check_access, list_files, read_bytes, redact
 from pipeline.weights import checkpoint_digest, load_checkpoint_bytes
 from pipeline.write import MASKS_DIR, write_manifest
 
@@ -35,20 +39,38 @@ class StorageDown(JobError):
     """Storage failed past the outage guard (or a part could not be committed): a re-run when it is back resumes."""
 
 
-def _storage_cause(exc: BaseException) -> str | None:
-    """The one-line cause when a Ray task failed because storage did (read.OutageGuard, a PUT out of retries)."""
+def _storage_cause(exc: BaseException) -> tuple[bool, str] | None:
+    """(transient, one-line cause) when a step failed because storage did (read.OutageGuard, a PUT out of retries,
+    a committed part that could not be read), else None. Ray's wrapper of a task's exception keeps its text and
+    ``cause``, not always its type."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, StorageOutage):
-            return str(exc).splitlines()[0]
+        inner = getattr(exc, "cause", None)  # a RayTaskError is also an instance of its cause's class
+        if isinstance(inner, BaseException) and id(inner) not in seen:
+            exc = inner
+            continue
+        if isinstance(exc, StorageError) and not isinstance(exc, LeaseHeld):
+            return isinstance(exc, StorageOutage), str(exc).splitlines()[0]
         text = str(exc)
-        if (
-            "StorageOutage: " in text
-        ):  # Ray's wrapper of a worker's exception keeps its text, not always its type
-            return text.split("StorageOutage: ", 1)[1].splitlines()[0]
+        for name, transient in (("StorageOutage: ", True), ("StorageError: ", False)):
+            if name in text:
+                return transient, text.split(name, 1)[1].splitlines()[0]
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def _storage_step(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a driver step whose tasks touch storage; a storage failure becomes StorageDown (exit 75) when it may
+    pass, else a JobError, each one line."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        found = _storage_cause(e)
+        if found is None:
+            raise
+        transient, cause = found
+        raise (StorageDown if transient else JobError)(redact(cause)) from e
 
 
 def _versions() -> dict[str, str]:
@@ -97,10 +119,8 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> No
     note_ray_session()
 
 
-def _prepare(
-    cfg: JobConfig, crf_raw: dict[str, Any] | None, address: str | None
-) -> tuple[JobConfig, dict, str]:
-    """Fail fast on storage and the model, complete the config from the checkpoint, connect to Ray."""
+def _prepare(cfg: JobConfig, crf_raw: dict[str, Any] | None) -> tuple[JobConfig, dict, str]:
+    """Fail fast on storage and the model, complete the config from the checkpoint."""
     try:
         check_access(cfg.read.input_uri, cfg.storage, what="input")
         check_access(cfg.write.output_uri, cfg.storage, what="output")
@@ -109,17 +129,17 @@ def _prepare(
     meta, digest = load_model_meta(cfg)
     cfg = resolve_crf(cfg, meta["variant"], crf_raw or {})
     cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, num_classes=meta["num_classes"]))
-    init_ray(address)
     return cfg, meta, digest
 
 
-def _plan(cfg: JobConfig, done_ref, retry_ref, *, write_files: bool):
+def _plan(cfg: JobConfig, index: Any, *, run_id: str, clear_old_plans: bool = False, write_files: bool):
     from pipeline.flow import plan_job
 
     try:
         return plan_job(
-            cfg.read, cfg.write.output_uri, cfg.storage, done_ref, retry_ref, write_files=write_files
-        )
+            cfg.read, cfg.write.output_uri, cfg.storage, index.done, index.retry, run_id=run_id,
+            clear_old_plans=clear_old_plans, write_files=write_files,
+        )  # fmt: skip
     except (
         OSError,
         ValueError,
@@ -129,30 +149,65 @@ def _plan(cfg: JobConfig, done_ref, retry_ref, *, write_files: bool):
         raise JobError(f"cannot list the inputs under {cfg.read.input_uri}: {cause}") from e
 
 
-def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, address: str | None = None) -> dict:
-    from pipeline.flow import build_dataset, execute, index_files, index_output, verify_output
+def _identity(cfg: JobConfig, digest: str) -> dict:
+    crf = dataclasses.asdict(cfg.crf) if cfg.crf is not None else None
+    return identity_of(cfg.read.input_uri, cfg.read.labels_uri, cfg.read.split, digest, crf)
+
+
+def run_segment(
+    cfg: JobConfig,
+    crf_raw: dict[str, Any] | None = None,
+    *,
+    address: str | None = None,
+    break_lease: bool = False,
+) -> dict:
+    """Run the job on ``cfg.write.output_uri`` under its lease (one run per output, pipeline/lease.py)."""
+    t0 = time.monotonic()
+    cfg, meta, digest = _prepare(cfg, crf_raw)
+    lease = Lease(
+        cfg.write.output_uri, cfg.storage, ttl_s=cfg.write.lease_ttl_s, wait_s=cfg.write.lease_wait_s,
+        break_stale=break_lease, on_lost=_thread.interrupt_main,
+    )  # fmt: skip
+    _storage_step(lease.__enter__)  # before Ray starts: a second run on the output refuses in a second
+    try:
+        init_ray(address)
+        return _run_leased(cfg, meta, digest, lease, t0)
+    except KeyboardInterrupt:
+        if lease.lost:
+            raise JobError(
+                f"lost the lease on {cfg.write.output_uri}: {lease.lost}; stopped. Committed parts are kept: "
+                "re-run the same command once no other run uses the output"
+            ) from None
+        raise
+    finally:
+        lease.__exit__(None, None, None)
+
+
+def _run_leased(cfg: JobConfig, meta: dict, digest: str, lease: Lease, t0: float) -> dict:
+    from pipeline.flow import build_dataset, duplicate_inputs, execute, index_output, verify_output
     from pipeline.pools import plan_cluster_pools
 
-    t0 = time.monotonic()
-    cfg, meta, digest = _prepare(cfg, crf_raw, address)
-    done_ref, retry_ref, before = index_output(
-        cfg.write.output_uri, cfg.storage, retry=cfg.write.retry_errors
-    )
-    job_plan = _plan(cfg, done_ref, retry_ref, write_files=True)
-    del done_ref, retry_ref
+    refusal = _storage_step(
+        check_identity, cfg.write.output_uri, cfg.storage, _identity(cfg, digest),
+        allow_change=cfg.write.allow_identity_change,
+    )  # fmt: skip
+    if refusal:
+        raise JobError(refusal)
+    before = _storage_step(index_output, cfg.write.output_uri, cfg.storage, retry=cfg.write.retry_errors)
+    job_plan = _plan(cfg, before, run_id=lease.run_id, clear_old_plans=lease.exclusive, write_files=True)
+    rows_before = before.summary
+    del before  # the indexes' object-store memory is not needed past planning
     if not job_plan.inputs:
         raise JobError(
             f"no input images found under {cfg.read.input_uri} (format {job_plan.fmt}): check --input"
         )
-    if job_plan.fmt in ("manifest", "shards"):  # ids come from the data: make sure they are unique
-        _, _, inputs = index_files(
-            list_files(job_plan.inputs_uri, cfg.storage, (".parquet",)), cfg.storage, with_status=False
+    num_dups, examples = _storage_step(duplicate_inputs, job_plan, cfg.storage)
+    if num_dups:  # ids key resume and the final check: two inputs with one id would share a row
+        shown = ", ".join(f"{r[S.ID]!r} <- {r[S.SOURCE]}" for r in examples)
+        raise JobError(
+            f"{num_dups} image ids name more than one input under {cfg.read.input_uri} ({shown}): give every "
+            "image a unique image_id (a manifest's image_id column), or rename one of the files"
         )
-        if inputs.duplicates:
-            raise JobError(
-                f"{inputs.duplicates} image ids occur more than once in {cfg.read.input_uri}: "
-                "give every image a unique image_id"
-            )
     log.info(
         "%d inputs (%s, %d listing tasks), %d already done, %d to process (%d error rows retried, policy %s); "
         "model %s (%s), CRF %s",
@@ -162,8 +217,9 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
 
     plan = plan_cluster_pools(cfg.pools, crf_enabled=cfg.crf is not None)
     encode_cfg = EncodeConfig(
-        num_classes=meta["num_classes"], model_variant=meta["variant"], model_digest=digest
-    )
+        num_classes=meta["num_classes"], model_variant=meta["variant"], model_digest=digest,
+        max_retries=cfg.write.max_retries,
+    )  # fmt: skip
     run: dict = {
         "processed": 0,
         "parts_written": 0,
@@ -174,24 +230,52 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
         "nodes": {},
     }
     if job_plan.todo:
-        try:
-            run = execute(
-                build_dataset(job_plan.todo_uri, cfg, encode_cfg, plan, job_plan.todo), job_plan.todo
-            )
-        except Exception as e:
-            cause = _storage_cause(e)
-            if cause is None:
-                raise
-            raise StorageDown(cause) from e
+        ds = build_dataset(job_plan.todo_uri, cfg, encode_cfg, plan, job_plan.todo)
+        run = _storage_step(execute, ds, job_plan.todo)
 
-    check = verify_output(job_plan, cfg.write.output_uri, cfg.storage)
+    check = _storage_step(verify_output, job_plan, cfg.write.output_uri, cfg.storage)
     after = check["output"]
     if after.duplicates or check["missing"]:
         raise JobError(
             f"output check failed: {check['missing']} inputs without a row (e.g. {check['missing_examples']}), "
             f"{after.duplicates} ids in more than one row; re-run the same command to complete it"
         )
-    manifest = {
+    manifest = _manifest(cfg, meta, digest, job_plan, run, check, plan, rows_before, t0)
+    manifest["lease"] = {"run_id": lease.run_id, "exclusive": lease.exclusive}
+    # The masks and the manifest first: a failing report never fails a finished job.
+    write_manifest(cfg.write.output_uri, manifest, cfg.storage)
+    if cfg.evaluate and job_plan.labelled:
+        manifest["metrics"] = _evaluate(cfg, meta)
+        write_manifest(cfg.write.output_uri, manifest, cfg.storage)
+    return manifest
+
+
+def _evaluate(cfg: JobConfig, meta: dict) -> dict:
+    """Dataset metrics and the report; a failure is reported in the manifest, not raised."""
+    from pipeline.evaluate import evaluate_output
+
+    report = f"{cfg.write.output_uri.rstrip('/')}/report/"
+    try:
+        metrics = evaluate_output(
+            cfg.write.output_uri, storage_cfg=cfg.storage, class_names=meta.get("class_names"), use_ray=True
+        )
+    except Exception as e:  # noqa: BLE001 - the masks are committed; `deeplab evaluate` can redo this
+        line = redact((str(e).strip().splitlines() or [type(e).__name__])[0][:300])
+        log.error("the metrics and report failed (%s: %s); the masks are complete", type(e).__name__, line)
+        return {
+            "error": f"{type(e).__name__}: {line}",
+            "next": f"deeplab evaluate --masks {cfg.write.output_uri}",
+        }
+    return {
+        "mean_iou_raw": metrics["raw"]["mean_iou"],
+        "mean_iou_crf": metrics["crf"]["mean_iou"] if metrics.get("crf") else None,
+        "report": report,
+    }
+
+
+def _manifest(cfg, meta, digest, job_plan, run, check, plan, before, t0) -> dict:  # noqa: ANN001
+    after = check["output"]
+    return {
         "config": cfg.to_dict(),
         "input_format": job_plan.fmt,
         "model": {"variant": meta["variant"], "num_classes": meta["num_classes"], "digest": digest},
@@ -202,9 +286,10 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
             "done_before": job_plan.inputs - job_plan.todo,
             "processed_this_run": run["processed"],
             "retried_this_run": job_plan.retried,
+            "duplicates_removed": check["duplicates_removed"],
             "status": dict(after.status_counts),
             "errors": sum(v for k, v in after.status_counts.items() if k != S.OK),
-            # Error rows caused by the environment (storage, credentials, memory): a re-run retries them.
+            # Error rows caused by the environment (storage, credentials): a re-run retries them.
             "retryable": after.retryable,
         },
         "run": {
@@ -222,19 +307,6 @@ def run_segment(cfg: JobConfig, crf_raw: dict[str, Any] | None = None, *, addres
         ),
         "versions": _versions(),
     }
-    if cfg.evaluate and job_plan.labelled:
-        from pipeline.evaluate import evaluate_output
-
-        metrics = evaluate_output(
-            cfg.write.output_uri, storage_cfg=cfg.storage, class_names=meta.get("class_names"), use_ray=True
-        )
-        manifest["metrics"] = {
-            "mean_iou_raw": metrics["raw"]["mean_iou"],
-            "mean_iou_crf": metrics["crf"]["mean_iou"] if metrics.get("crf") else None,
-            "report": f"{cfg.write.output_uri.rstrip('/')}/report/",
-        }
-    write_manifest(cfg.write.output_uri, manifest, cfg.storage)
-    return manifest
 
 
 def dry_run_segment(
@@ -253,11 +325,19 @@ def dry_run_segment(
     from pipeline.pools import cluster_maxima, plan_pools
     from pipeline.storage import join
 
-    cfg, meta, digest = _prepare(cfg, crf_raw, address)
+    cfg, meta, digest = _prepare(cfg, crf_raw)
+    init_ray(address)
+    refusal = _storage_step(
+        check_identity, cfg.write.output_uri, cfg.storage, _identity(cfg, digest),
+        allow_change=cfg.write.allow_identity_change, record=False,
+    )  # fmt: skip
+    if refusal:
+        raise JobError(refusal)
     parts = list_files(join(cfg.write.output_uri, MASKS_DIR), cfg.storage, (".parquet",))
-    # Not index_output: it applies rows a killed run left aside and deletes unreadable parts (a run does both).
-    done_ref, retry_ref, before = index_files(parts, cfg.storage, retry=cfg.write.retry_errors)
-    job_plan = _plan(cfg, done_ref, retry_ref, write_files=False)
+    # Not index_output: it applies rows a killed run left aside and deletes torn parts (a run does both).
+    index = _storage_step(index_files, parts, cfg.storage, retry=cfg.write.retry_errors)
+    before = index.summary
+    job_plan = _plan(cfg, index, run_id="dry-run", write_files=False)
     resources = ray.cluster_resources()
     # What a run would plan, without its request for missing resources and its wait for them.
     plan = plan_pools(resources, cfg.pools, crf_enabled=cfg.crf is not None, maxima=cluster_maxima())

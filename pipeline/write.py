@@ -32,7 +32,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import schema as S
-from pipeline.storage import StorageConfig, delete, filesystem, join, list_files, read_bytes, write_bytes
+from pipeline.storage import (
+    StorageConfig,
+    StorageError,
+    StorageOutage,
+    delete,
+    filesystem,
+    is_transient,
+    join,
+    list_files,
+    read_bytes,
+    redact,
+    write_bytes,
+)
 
 __all__ = [
     "MASKS_DIR",
@@ -52,6 +64,9 @@ __all__ = [
     "merge_index",
     "merge_retry",
     "find_missing",
+    "rows_of",
+    "choose_keepers",
+    "drop_duplicates",
     "load_done",
     "write_manifest",
     "read_manifest",
@@ -66,8 +81,13 @@ RETRY_POLICIES = ("retryable", "all", "none")  # which committed error rows a re
 
 
 def part_name(image_ids: list[str]) -> str:
-    """Deterministic part file name for a set of image ids (order-independent)."""
-    digest = hashlib.sha256("\n".join(sorted(image_ids)).encode()).hexdigest()[:20]
+    """Deterministic part file name for a set of image ids (order-independent).
+
+    The ids are digested as a JSON list, an unambiguous encoding: no id set can pose as another (``['a\\nb']``
+    and ``['a', 'b']`` were one name when ids were joined by newlines).
+    """
+    encoded = json.dumps(sorted(image_ids), ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()[:20]
     return f"part-{digest}.parquet"
 
 
@@ -129,12 +149,22 @@ class IdIndex:
     @classmethod
     def from_hashes(cls, hi: np.ndarray, lo: np.ndarray) -> tuple[IdIndex, int]:
         """Sorted, duplicates dropped; also returns how many duplicates there were."""
+        index, _, count = cls.with_duplicates(hi, lo)
+        return index, count
+
+    @classmethod
+    def with_duplicates(cls, hi: np.ndarray, lo: np.ndarray) -> tuple[IdIndex, IdIndex, int]:
+        """Sorted, duplicates dropped; also the ids that occur more than once and how many extra rows they have."""
         order = np.lexsort((lo, hi))
         hi, lo = hi[order], lo[order]
         dup = np.zeros(len(hi), dtype=bool)
         if len(hi) > 1:
             dup[1:] = (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])
-        return cls(hi[~dup], lo[~dup]), int(dup.sum())
+        d_hi, d_lo = hi[dup], lo[dup]  # sorted: an id with 3 rows appears twice here
+        first = np.ones(len(d_hi), dtype=bool)
+        if len(d_hi) > 1:
+            first[1:] = (d_hi[1:] != d_hi[:-1]) | (d_lo[1:] != d_lo[:-1])
+        return cls(hi[~dup], lo[~dup]), cls(d_hi[first], d_lo[first]), int(dup.sum())
 
     @classmethod
     def from_ids(cls, ids: list[str]) -> tuple[IdIndex, int]:
@@ -169,56 +199,77 @@ class IdIndex:
 
 @dataclass
 class RetryIndex:
-    """The committed error rows a re-run processes again: id hashes and, for each, the name of its part."""
+    """The committed error rows a re-run processes again: id hashes and, for each, its part and its attempt."""
 
     ids: IdIndex = field(default_factory=IdIndex)
     parts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))  # aligned with ids
+    attempts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int32))  # aligned with ids
 
     @classmethod
-    def build(cls, hi: np.ndarray, lo: np.ndarray, parts: np.ndarray) -> RetryIndex:
+    def build(cls, hi: np.ndarray, lo: np.ndarray, parts: np.ndarray, attempts: np.ndarray) -> RetryIndex:
         order = np.lexsort((lo, hi))
-        return cls(IdIndex(hi[order], lo[order]), np.asarray(parts, dtype=object)[order])
+        return cls(
+            IdIndex(hi[order], lo[order]),
+            np.asarray(parts, dtype=object)[order],
+            np.asarray(attempts, dtype=np.int32)[order],
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def parts_of(self, ids: list[str]) -> np.ndarray:
         """object (len(ids),): the part holding each id's row to retry, "" for ids not to retry."""
+        return self.lookup(ids)[0]
+
+    def lookup(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(part holding each id's row to retry or "", that row's attempt or 0), each (len(ids),)."""
         pos = self.ids.find(ids)
-        out = np.full(len(ids), "", dtype=object)
-        out[pos >= 0] = self.parts[pos[pos >= 0]]
-        return out
+        parts = np.full(len(ids), "", dtype=object)
+        attempts = np.zeros(len(ids), dtype=np.int32)
+        if len(self):
+            parts[pos >= 0] = self.parts[pos[pos >= 0]]
+            attempts[pos >= 0] = self.attempts[pos[pos >= 0]]
+        return parts, attempts
 
 
 def read_part_ids(
     uri: str, storage_cfg: StorageConfig, columns: tuple[str, ...] = (S.ID, S.STATUS)
 ) -> pa.Table | None:
-    """Some columns of a committed part (or plan file), or None if it is unreadable (a torn local file)."""
+    """Some columns of a committed part (or plan file), or None when it is torn: its bytes were read whole and do
+    not parse. A part that could not be read (timeout, permission, 5xx past retries) raises: it is never judged
+    torn, so nothing is deleted because storage was slow."""
     fs, path = filesystem(uri, storage_cfg)
     try:
         return _read_columns(pq.ParquetFile(path, filesystem=fs), columns)
     except (OSError, pa.ArrowInvalid):
         # pyarrow's ranged S3 reads fail without retrying on a throttled small read (a 503 body overflows the
-        # range buffer), so a committed part must not be judged by them: re-read it whole through boto3,
-        # which retries; a storage error that outlasts the retries raises (not OSError) and fails the job.
-        try:
-            return _read_columns(pq.ParquetFile(io.BytesIO(read_bytes(uri, storage_cfg))), columns)
-        except (OSError, pa.ArrowInvalid) as e:
-            log.warning("unreadable part %s (left by a killed run?): %s", uri, e)
-            return None
+        # range buffer), and say nothing of whether the bytes are whole: judge the part by its whole bytes.
+        pass
+    data = read_bytes(uri, storage_cfg)  # through boto3, which retries; a storage error propagates
+    try:
+        return _read_columns(pq.ParquetFile(io.BytesIO(data)), columns)
+    except (OSError, pa.ArrowInvalid) as e:  # parsing bytes in memory: the file itself is bad
+        log.warning("torn part %s (%d bytes, left by a killed run?): %s", uri, len(data), e)
+        return None
 
 
 def _read_columns(file: pq.ParquetFile, columns: tuple[str, ...]) -> pa.Table:
-    """The columns the file has (a part written before ``retryable`` existed lacks it: read as all False)."""
+    """The columns the file has, plus defaults for columns added after it was written (_with_defaults)."""
     table = file.read(columns=[c for c in columns if c in file.schema_arrow.names])
-    return _with_retryable(table) if S.RETRYABLE in columns else table
+    return _with_defaults(table, columns)
 
 
-def _with_retryable(table: pa.Table) -> pa.Table:
-    """A part written before the ``retryable`` column existed: its rows read as not retryable."""
-    if S.RETRYABLE in table.column_names:
-        return table
-    return table.append_column(S.RETRYABLE, pa.array(np.zeros(table.num_rows, dtype=bool)))
+def _with_defaults(table: pa.Table, columns: tuple[str, ...] = (S.RETRYABLE, S.ATTEMPT)) -> pa.Table:
+    """A part written before ``retryable`` / ``attempt`` existed: its rows read as not retryable, first attempt."""
+    if S.RETRYABLE in columns and S.RETRYABLE not in table.column_names:
+        table = table.append_column(S.RETRYABLE, pa.array(np.zeros(table.num_rows, dtype=bool)))
+    if S.ATTEMPT in columns:
+        if S.ATTEMPT not in table.column_names:
+            table = table.append_column(S.ATTEMPT, pa.array(np.ones(table.num_rows, dtype=np.int32)))
+        elif table.column(S.ATTEMPT).null_count:
+            filled = pc.fill_null(table.column(S.ATTEMPT), 1)
+            table = table.set_column(table.schema.get_field_index(S.ATTEMPT), S.ATTEMPT, filled)
+    return table
 
 
 @dataclass
@@ -249,9 +300,13 @@ def index_parts(
     if retry not in RETRY_POLICIES:
         raise ValueError(f"retry policy must be one of {RETRY_POLICIES}, got {retry!r}")
     summary = PartsSummary()
-    his, los, retry_his, retry_los, retry_parts = [], [], [], [], []
+    his, los, retry_his, retry_los, retry_parts, retry_attempts = [], [], [], [], [], []
+    columns = (S.ID, S.STATUS, S.RETRYABLE, S.ATTEMPT) if with_status else (S.ID,)
     for uri in part_uris:
-        table = read_part_ids(uri, storage_cfg, (S.ID, S.STATUS, S.RETRYABLE) if with_status else (S.ID,))
+        try:
+            table = read_part_ids(uri, storage_cfg, columns)
+        except Exception as e:  # noqa: BLE001 - any read failure stops the step; nothing is judged torn by it
+            raise _unreadable(uri, e) from e
         if table is None:
             summary.unreadable.append(uri)
             continue
@@ -270,22 +325,40 @@ def index_parts(
             retry_his.append(hi[again])
             retry_los.append(lo[again])
             retry_parts.append(np.full(int(again.sum()), uri.rsplit("/", 1)[-1], dtype=object))
+            retry_attempts.append(table.column(S.ATTEMPT).to_numpy(zero_copy_only=False)[again])
             summary.retry += int(again.sum())
     empty = np.zeros(0, np.uint64)
     retry_index = RetryIndex.build(
         np.concatenate([*retry_his, empty]),
         np.concatenate([*retry_los, empty]),
         np.concatenate([*retry_parts, np.zeros(0, dtype=object)]),
+        np.concatenate([*retry_attempts, np.zeros(0, dtype=np.int32)]),
     )
     return np.concatenate([*his, empty]), np.concatenate([*los, empty]), summary, retry_index
 
 
-def merge_index(*hashes: np.ndarray) -> tuple[IdIndex, int]:
-    """One index from index_parts' outputs passed as hi_0, lo_0, hi_1, lo_1, ...; also the number of duplicates."""
+def _unreadable(uri: str, exc: BaseException) -> StorageError:
+    """The one-line error of a part that could not be read: an outage (exit 75) when storage may answer later."""
+    reason = redact((str(exc).strip().splitlines() or [type(exc).__name__])[0][:300])
+    if is_transient(exc):
+        return StorageOutage(
+            f"storage outage: cannot read the committed part {uri} ({reason}); nothing was deleted: re-run the "
+            "same command when storage answers"
+        )
+    return StorageError(
+        f"cannot read the committed part {uri} ({type(exc).__name__}: {reason}); nothing was deleted: give "
+        "this user read access to the output (or run as its owner)"
+    )
+
+
+def merge_index(*hashes: np.ndarray) -> tuple[IdIndex, int, IdIndex]:
+    """One index from index_parts' outputs passed as hi_0, lo_0, hi_1, lo_1, ...; also the number of duplicate
+    rows and an index of the ids that have more than one."""
     empty = np.zeros(0, np.uint64)
     hi = np.concatenate([*hashes[0::2], empty])
     lo = np.concatenate([*hashes[1::2], empty])
-    return IdIndex.from_hashes(hi, lo)
+    index, duplicated, count = IdIndex.with_duplicates(hi, lo)
+    return index, count, duplicated
 
 
 def merge_retry(*indexes: RetryIndex) -> RetryIndex:
@@ -294,6 +367,7 @@ def merge_retry(*indexes: RetryIndex) -> RetryIndex:
         np.concatenate([np.zeros(0, np.uint64), *(r.ids.hi for r in indexes)]),
         np.concatenate([np.zeros(0, np.uint64), *(r.ids.lo for r in indexes)]),
         np.concatenate([np.zeros(0, dtype=object), *(r.parts for r in indexes)]),
+        np.concatenate([np.zeros(0, dtype=np.int32), *(r.attempts for r in indexes)]),
     )
 
 
@@ -336,7 +410,7 @@ def apply_supersedes(groups: dict[str, list[str]], output_uri: str, storage_cfg:
 
 
 def _read_whole(uri: str, storage_cfg: StorageConfig) -> pa.Table:
-    table = _with_retryable(pq.read_table(io.BytesIO(read_bytes(uri, storage_cfg))))
+    table = _with_defaults(pq.read_table(io.BytesIO(read_bytes(uri, storage_cfg))))
     return table.select(S.OUTPUT_SCHEMA.names).cast(S.OUTPUT_SCHEMA)
 
 
@@ -355,6 +429,74 @@ def find_missing(
         missing += len(absent)
         examples.extend(ids[i] for i in absent[: 5 - len(examples)])
     return total, missing, examples[:5]
+
+
+def rows_of(
+    uris: list[str], ids: IdIndex, storage_cfg: StorageConfig, columns: tuple[str, ...] = (S.ID, S.STATUS)
+) -> pa.Table:
+    """The rows of some parts (or plan files) whose id is in ``ids``, some columns, plus "part" (the file's name)."""
+    tables = []
+    for uri in uris:
+        table = read_part_ids(uri, storage_cfg, columns)
+        if table is None or not table.num_rows:
+            continue
+        hit = ids.contains(table.column(S.ID).to_pylist())
+        if hit.any():
+            rows = table.filter(pa.array(hit))
+            tables.append(rows.append_column("part", pa.array([uri.rsplit("/", 1)[-1]] * rows.num_rows)))
+    if not tables:
+        return pa.table(
+            {**{c: pa.array([], pa.string()) for c in columns}, "part": pa.array([], pa.string())}
+        )
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def choose_keepers(*found: pa.Table) -> RetryIndex:
+    """For each id with several rows (rows_of over every part), the part whose row stays: an ok row before an
+    error row, then the part whose name sorts first. Returned as a RetryIndex mapping id -> keeper part."""
+    tables = [t.select([S.ID, S.STATUS, "part"]) for t in found if t.num_rows]
+    if not tables:
+        empty = np.zeros(0, np.uint64)
+        return RetryIndex.build(empty, empty, np.zeros(0, dtype=object), np.zeros(0, np.int32))
+    table = pa.concat_tables(tables)
+    rows = sorted(
+        zip(table.column(S.ID).to_pylist(), table.column(S.STATUS).to_pylist(), table.column("part").to_pylist(),
+            strict=True),
+        key=lambda r: (r[0], r[1] != S.OK, r[2]),
+    )  # fmt: skip
+    keepers: dict[str, str] = {}
+    for image_id, _, part in rows:
+        keepers.setdefault(image_id, part)
+    hi, lo = _hash_ids(list(keepers))
+    return RetryIndex.build(
+        hi, lo, np.array(list(keepers.values()), dtype=object), np.zeros(len(hi), np.int32)
+    )
+
+
+def drop_duplicates(part_uris: list[str], keepers: RetryIndex, storage_cfg: StorageConfig) -> int:
+    """Rewrite each part without its rows of ids that another part keeps (choose_keepers); return rows dropped.
+
+    Each rewrite is one atomic PUT under the same name (a part left with no row is deleted), so a reader or a
+    killed repair sees the old part or the new one, and a repeated repair is a no-op."""
+    dropped = 0
+    for uri in part_uris:
+        ids = read_part_ids(uri, storage_cfg, (S.ID,))
+        if ids is None:
+            continue
+        keeper = keepers.parts_of(ids.column(S.ID).to_pylist())
+        name = uri.rsplit("/", 1)[-1]
+        drop = (keeper != "") & (keeper != name)
+        if not drop.any():
+            continue
+        table = _read_whole(uri, storage_cfg)
+        kept = table.filter(pa.array(~drop))
+        if kept.num_rows:
+            _put_table(kept, uri, storage_cfg)
+        else:
+            delete(uri, storage_cfg)
+        dropped += int(drop.sum())
+        log.warning("removed %d duplicate rows from %s", int(drop.sum()), uri)
+    return dropped
 
 
 def part_summary(table: pa.Table, part_uri: str) -> pa.Table:

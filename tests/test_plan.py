@@ -163,8 +163,9 @@ def test_duplicate_manifest_ids_fail_before_any_work(ray_local, tmp_path):
     cfg, crf_raw = load_job_config(
         input=str(tmp_path / "m.parquet"), output=str(tmp_path / "out"), model=tiny_checkpoint(tmp_path, 3)
     )
-    with pytest.raises(JobError, match="1 image ids occur more than once"):
+    with pytest.raises(JobError, match="1 image ids name more than one input") as err:
         run_segment(cfg, crf_raw)
+    assert "'a' <- /x/a.jpg" in str(err.value) and "'a' <- /y/a.jpg" in str(err.value)  # both keys named
     assert not (tmp_path / "out" / "masks").exists()
 
 

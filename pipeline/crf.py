@@ -51,6 +51,8 @@ __all__ = [
     "crf_config_for",
     "unary_from_probs",
     "refine",
+    "refine_detailed",
+    "Refined",
     "CRFRefiner",
 ]
 
@@ -75,6 +77,9 @@ _MAX_ITERATIONS = 1000
 # equals the unpadded pruned CRF; it only makes the label count a multiple of 4.
 _DUMMY_ENERGY = 1e4
 _MAX_LABELS = 256  # labels are returned as uint8
+# Adaptive mean field counts label changes from the 3rd iteration on: the first two move 70-10000 pixels of a
+# 500x375 image on every one measured (never settled), so counting them would be wasted argmaxes.
+_FIRST_COMPARED_ITERATION = 3
 
 # pydensecrf holds the GIL; a lock keeps even a threaded caller to one CRF (and one ~125 MB buffer) at a time.
 _CRF_LOCK = threading.Lock()
@@ -95,6 +100,18 @@ class CRFConfig:
         (1.3x); 0.1 keeps 3-12 (2.3x, 99.9985 % agreement with the full CRF), 0.2 keeps 3-7 (3.0x, 99.9975 %).
         A label that never reaches 0.2 is essentially never the CRF's argmax under Potts compatibility.
     pad_labels_to_multiple: pad the kept label set with inert dummy labels to a multiple of this (1 = no pad).
+    adaptive: stop an image's mean field before ``iterations`` once its labels have settled (pydensecrf backend):
+        after ``converge_patience`` consecutive iterations in each of which at most ``converge_changed_frac`` of
+        the pixels changed label (argmax), capped at ``iterations``. False = the paper's fixed schedule, exactly
+        ``iterations`` (bit for bit the stage before adaptive inference). Measured agreement with the fixed
+        schedule and the cost saved: docs/performance.md ("CRF cost"), ``bench/crf.py``.
+    converge_changed_frac: label changes per iteration, as a fraction of the image's pixels (0..0.01), that count
+        as settled. 1e-4 is ~19 pixels of a 500x375 image. 0 = settled only when no label changed.
+    converge_patience: consecutive settled iterations (1..iterations) before inference stops.
+    backend: "pydensecrf" (default, the C++ library in CPU actors) or "torch" (pipeline.crf_torch: the same model
+        in PyTorch ops, any device; agreement with pydensecrf in docs/crf-backends.md).
+    device: "cpu" (default) or "cuda": where the torch backend runs. "cuda" runs the CRF in the DCNN actor on its
+        GPU (no CRF actors) and needs backend "torch"; it fails at construction when torch sees no CUDA device.
     """
 
     bi_w: float = 4.0
@@ -106,6 +123,11 @@ class CRFConfig:
     normalization: str = "after"
     prune_threshold: float = 0.2
     pad_labels_to_multiple: int = 4
+    adaptive: bool = True
+    converge_changed_frac: float = 1e-4
+    converge_patience: int = 2
+    backend: str = "pydensecrf"
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -127,6 +149,26 @@ def _validate_config(cfg: CRFConfig) -> None:
     m = cfg.pad_labels_to_multiple
     if isinstance(m, bool) or not isinstance(m, int | np.integer) or not 1 <= m <= 64:
         raise ValueError(f"pad_labels_to_multiple: expected an int in 1..64, got {m!r}")
+    _validate_adaptive(cfg)
+    if cfg.backend not in ("pydensecrf", "torch"):
+        raise ValueError(f"backend: expected 'pydensecrf' or 'torch', got {cfg.backend!r}")
+    if cfg.device not in ("cpu", "cuda"):
+        raise ValueError(f"device: expected 'cpu' or 'cuda', got {cfg.device!r}")
+    if cfg.device == "cuda":
+        if cfg.backend != "torch":
+            raise ValueError(f"device: 'cuda' needs backend 'torch', got backend {cfg.backend!r}")
+        from pipeline.crf_torch import check_crf_device
+
+        check_crf_device(cfg.device)  # one line when torch sees no CUDA device
+
+
+def _validate_adaptive(cfg: CRFConfig) -> None:
+    if not isinstance(cfg.adaptive, bool | np.bool_):
+        raise ValueError(f"adaptive: expected a bool, got {type(cfg.adaptive).__name__} {cfg.adaptive!r}")
+    _check_number("converge_changed_frac", cfg.converge_changed_frac, low=0.0, high=0.01)
+    k = cfg.converge_patience
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= _MAX_ITERATIONS:
+        raise ValueError(f"converge_patience: expected an int in 1..{_MAX_ITERATIONS}, got {k!r}")
 
 
 def _check_number(
@@ -302,8 +344,50 @@ def _kept_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
     return keep
 
 
-def _run_dense_crf(image: np.ndarray, unary: np.ndarray, cfg: CRFConfig) -> np.ndarray:
-    """pydensecrf mean field on validated inputs: image uint8 (H, W, 3), unary float32 (M, H*W) -> Q (M, H*W)."""
+def _adaptive_mean_field(crf: Any, cfg: CRFConfig, num_active: int) -> tuple[np.ndarray, int]:
+    """Mean field stepped from Python until the labels settle (CRFConfig.adaptive): (Q (M, H*W), iterations run).
+
+    Each step is exactly one iteration of pydensecrf's ``inference`` (same C++ update). Labels are compared over
+    the first ``num_active`` rows only: padding rows are 0 everywhere and never the argmax. An argmax costs
+    3-5 ms per 500x375 image (a step 20-35 ms), so after a count above the budget the next comparison is put off
+    by the iterations the count needs to fall under it at the fastest decay measured (~3x per iteration).
+    """
+    q_mat, tmp1, tmp2 = crf.startInference()
+    q = np.asarray(q_mat)  # (M, H*W) view of the Eigen matrix, which stepInference updates in place
+    budget = cfg.converge_changed_frac * q.shape[1]
+    labels, labels_at = None, -1  # last argmax and the iteration it belongs to
+    compare_at = _FIRST_COMPARED_ITERATION  # the next iteration whose label changes are counted
+    settled = 0
+    iteration = 0
+    while iteration < cfg.iterations:
+        crf.stepInference(q_mat, tmp1, tmp2)
+        iteration += 1
+        if iteration == cfg.iterations or iteration < compare_at - 1:
+            continue  # the last one (nothing to save), or a count not due yet
+        q = np.asarray(q_mat)
+        new = q[:num_active].argmax(axis=0)  # (H*W,)
+        if iteration == compare_at and labels_at == iteration - 1:
+            changed = int(np.count_nonzero(new != labels))
+            settled = settled + 1 if changed <= budget else 0
+            if settled >= cfg.converge_patience:
+                break
+            wait = 1 if changed <= budget else math.ceil(math.log(changed / max(budget, 0.5)) / math.log(3.0))
+            compare_at = iteration + max(1, wait)
+        labels, labels_at = new, iteration
+    return np.asarray(q_mat), iteration
+
+
+def _run_dense_crf(
+    image: np.ndarray,
+    unary: np.ndarray,
+    cfg: CRFConfig,
+    stats: dict[str, int] | None = None,
+    num_active: int | None = None,
+) -> np.ndarray:
+    """pydensecrf mean field on validated inputs: image uint8 (H, W, 3), unary float32 (M, H*W) -> Q (M, H*W).
+
+    ``stats["iterations"]`` is set to the iterations run; ``num_active``: rows before the padding (default M).
+    """
     import pydensecrf.densecrf as dcrf
 
     height, width = image.shape[:2]
@@ -322,8 +406,29 @@ def _run_dense_crf(image: np.ndarray, unary: np.ndarray, cfg: CRFConfig) -> np.n
             kernel=dcrf.DIAG_KERNEL,
             normalization=norm,
         )
-        q = np.asarray(crf.inference(int(cfg.iterations)), dtype=np.float32)
-    return q
+        if cfg.adaptive:
+            q, iterations = _adaptive_mean_field(
+                crf, cfg, unary.shape[0] if num_active is None else num_active
+            )
+        else:
+            q, iterations = np.asarray(crf.inference(int(cfg.iterations))), int(cfg.iterations)
+    if stats is not None:
+        stats["iterations"] = iterations
+    return np.asarray(q, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Refined:
+    """One image's CRF result (refine_detailed).
+
+    labels: uint8 (H, W). probs: refined marginals float32 (C, H, W), pruned labels 0; None unless asked for.
+    iterations: mean-field iterations run (0 when pruning left one label). labels_kept: labels left by pruning.
+    """
+
+    labels: np.ndarray
+    probs: np.ndarray | None
+    iterations: int
+    labels_kept: int
 
 
 def refine(
@@ -336,6 +441,17 @@ def refine(
     Returns labels uint8 (H, W); with return_probs also the refined marginals float32 (C, H, W), where pruned
     labels get probability 0. Raises ValueError for any input pydensecrf can't take safely.
     """
+    out = refine_detailed(image, probs, cfg, return_probs=return_probs)
+    if not return_probs:
+        return out.labels
+    assert out.probs is not None
+    return out.labels, out.probs
+
+
+def refine_detailed(
+    image: np.ndarray, probs: np.ndarray, cfg: CRFConfig, *, return_probs: bool = False
+) -> Refined:
+    """refine(), also reporting the iterations run and the labels kept (same inputs and checks)."""
     if not isinstance(cfg, CRFConfig):
         raise ValueError(f"cfg: expected a CRFConfig, got {type(cfg).__name__}")
     _validate_config(cfg)
@@ -347,6 +463,7 @@ def refine(
 
     keep = _kept_labels(p, cfg.prune_threshold)  # (K,)
     num_kept = keep.size
+    stats = {"iterations": 0 if num_kept == 1 else int(cfg.iterations)}
     if num_kept == 1:
         # One label left: mean field can only return it (dummies carry no mass), skip the C++ call.
         q_kept = np.ones((1, height * width), dtype=np.float32)
@@ -358,18 +475,24 @@ def refine(
         unary = np.full((num_total, height * width), _DUMMY_ENERGY, dtype=np.float32)  # (M, H*W)
         # A per-pixel constant in the unary cancels in mean field, so the kept labels need no renormalisation.
         unary[:num_kept] = unary_from_probs(p if num_kept == num_labels else p[keep])
-        q = _run_dense_crf(rgb, unary, cfg)  # (M, H*W)
+        if cfg.backend == "torch":
+            from pipeline.crf_torch import run_dense_crf_torch
+
+            q = run_dense_crf_torch(rgb, unary, cfg)  # (M, H*W)
+        else:
+            q = _run_dense_crf(rgb, unary, cfg, stats, num_kept)  # (M, H*W)
         q_kept = q[:num_kept]
         if not np.isfinite(q_kept).all():
             # Inputs are validated, so this means a parameter combination we didn't foresee; fail the row.
             raise ValueError("dense CRF: expected finite marginals, got NaN/inf (check the CRF parameters)")
 
     labels = keep[q_kept.argmax(axis=0)].astype(np.uint8).reshape(height, width)
-    if not return_probs:
-        return labels
-    refined = np.zeros((num_labels, height * width), dtype=np.float32)
-    refined[keep] = q_kept
-    return labels, refined.reshape(num_labels, height, width)
+    refined = None
+    if return_probs:
+        refined = np.zeros((num_labels, height * width), dtype=np.float32)
+        refined[keep] = q_kept
+        refined = refined.reshape(num_labels, height, width)
+    return Refined(labels=labels, probs=refined, iterations=stats["iterations"], labels_kept=num_kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------

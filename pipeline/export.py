@@ -34,6 +34,7 @@ import csv
 import io
 import json
 import logging
+import posixpath
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -239,6 +240,11 @@ def _row_mask(row: dict, setup: ExportSetup) -> np.ndarray:
 
 
 def _targets(image_id: str, setup: ExportSetup) -> tuple[str | None, str | None]:
+    # One file per id: an id that is not a canonical relative path ('a//b', 'a/', '/a') would share a file with
+    # another id ('a/b') on a filesystem, so it is refused (its row says which file it would have written).
+    canonical = posixpath.normpath(image_id)
+    if canonical != image_id or image_id.startswith("/"):
+        raise ValueError(f"it is not a canonical path: it would write the file of id {canonical.lstrip('/')!r}")
     mask_uri = storage.join(setup.dest_uri, f"{image_id}.png") if setup.fmt == "png" else None
     overlay_uri = storage.join(setup.dest_uri, f"{image_id}{OVERLAY_SUFFIX}") if setup.overlay else None
     return mask_uri, overlay_uri
@@ -436,11 +442,13 @@ def _write_coco(outcomes: list[dict], names: list[str], output_uri: str, setup: 
 
 
 def _write_errors(errors: list[dict], setup: ExportSetup) -> str:
+    from pipeline.report_page import csv_cell
+
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow([ID, STATUS, ERROR])
-    for row in sorted(errors, key=lambda r: r[ID]):
-        writer.writerow([row[ID], row[STATUS], row[ERROR] or ""])
+    for row in sorted(errors, key=lambda r: r[ID]):  # ids are untrusted text: never a spreadsheet formula
+        writer.writerow([csv_cell(str(row[ID])), row[STATUS], csv_cell(row[ERROR] or "")])
     uri = storage.join(setup.dest_uri, ERRORS_FILE)
     storage.write_bytes(uri, buf.getvalue().encode(), setup.storage_cfg)
     return uri

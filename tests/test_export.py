@@ -271,3 +271,20 @@ def test_inspect_prints_variant_classes_provenance_digest_and_parameters(
     path.write_bytes(b"not a checkpoint")
     assert inspect_main([str(path)]) == 2
     assert "not a readable torch checkpoint" in capsys.readouterr().err
+
+
+def test_ids_that_would_share_a_file_are_refused_and_errors_csv_holds_no_formula(tmp_path):
+    rows = [
+        {"id": "a/b", "raw": _mask(1), "mask": _mask(2)},
+        {"id": "a//b", "raw": _mask(3), "mask": _mask(4)},  # a filesystem writes it to a/b.png as well
+        {"id": "=HYPERLINK(1)", "status": S.ErrorKind.DECODE, "error": "=cmd|' /C calc'!A0"},
+    ]
+    root = tmp_path / "out"
+    stored = _write_output(root, rows)
+    dest = tmp_path / "png"
+    result = export.export_masks(str(root), str(dest), use_ray=False)
+    assert (result["written"], result["failed"], result["not_ok"]) == (1, 1, 1)
+    assert np.array_equal(_png((dest / "a" / "b.png").read_bytes()), _png(stored["a/b"]["mask_png"]))
+    errors = {r[S.ID]: r for r in _errors_csv(dest)}
+    assert "would write the file of id 'a/b'" in errors["a//b"][S.ERROR]
+    assert errors["'=HYPERLINK(1)"][S.ERROR].startswith("'=cmd")  # shown as text by a spreadsheet

@@ -245,20 +245,21 @@ def _run_leased(cfg: JobConfig, meta: dict, digest: str, lease: Lease, t0: float
     # The masks and the manifest first: a failing report never fails a finished job.
     write_manifest(cfg.write.output_uri, manifest, cfg.storage)
     if cfg.evaluate and job_plan.labelled:
-        manifest["metrics"] = _evaluate(cfg, meta)
+        manifest["metrics"] = _evaluate(cfg, meta, run)
         write_manifest(cfg.write.output_uri, manifest, cfg.storage)
     return manifest
 
 
-def _evaluate(cfg: JobConfig, meta: dict) -> dict:
+def _evaluate(cfg: JobConfig, meta: dict, run: dict) -> dict:
     """Dataset metrics and the report; a failure is reported in the manifest, not raised."""
     from pipeline.evaluate import evaluate_output
 
     report = f"{cfg.write.output_uri.rstrip('/')}/report/"
     try:
         metrics = evaluate_output(
-            cfg.write.output_uri, storage_cfg=cfg.storage, class_names=meta.get("class_names"), use_ray=True
-        )
+            cfg.write.output_uri, storage_cfg=cfg.storage, class_names=meta.get("class_names"), use_ray=True,
+            run_summary=run,  # the report's images/s: the manifest with the run's wall time is not final yet
+        )  # fmt: skip
     except Exception as e:  # noqa: BLE001 - the masks are committed; `deeplab evaluate` can redo this
         line = redact((str(e).strip().splitlines() or [type(e).__name__])[0][:300])
         log.error("the metrics and report failed (%s: %s); the masks are complete", type(e).__name__, line)

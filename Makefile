@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup test-deps demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -17,8 +17,28 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(BIN)/deeplab demo
 
-test: setup
+# What the tests use besides Python: a second S3 implementation (npm s3rver, project-local) and, for the report's
+# browser test, Debian's Chromium + ChromeDriver (installed when run as root with apt-get; elsewhere the browser test
+# skips and says so).
+S3RVER := infra/local/s3rver/node_modules/.bin/s3rver
+
+test-deps: $(S3RVER)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium chromium-driver) >/dev/null; \
+	  else echo "note: no chromium/chromedriver: the report's browser test will skip"; fi; \
+	fi
+
+$(S3RVER): infra/local/s3rver/package.json infra/local/s3rver/package-lock.json
+	npm ci --prefix infra/local/s3rver --no-audit --no-fund --loglevel=error
+	touch $(S3RVER)
+
+test: setup test-deps
 	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not integration"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -483,11 +483,15 @@ class DeepLabPredictor:
         self.max_batch_pixels = cfg.max_batch_pixels  # lowered by out-of-memory errors
         self.in_ray_actor = _ray_gpu_ids() is not None
         self.node_id = _node_id()
-        if crf_cfg is not None and crf_cfg.device == "cuda" and self.device.type != "cuda":
-            raise ValueError(
-                f"crf.device is 'cuda' but this DCNN actor runs on {self.device}: plan the DCNN pool on GPUs "
-                "or set crf.device: cpu"
-            )
+        if crf_cfg is not None and crf_cfg.device == "cuda":
+            from pipeline.crf_torch import check_crf_device
+
+            check_crf_device("cuda")  # one line when torch here sees no CUDA device
+            if self.device.type != "cuda":
+                raise ValueError(
+                    f"crf.device is 'cuda' but this DCNN actor runs on {self.device}: plan the DCNN pool on "
+                    "GPUs or set crf.device: cpu"
+                )
         self._warm_up()
         log.info(
             "DeepLabPredictor: %s (%s) on %s%s, node %s",

@@ -227,14 +227,20 @@ def test_deterministic_on_cpu():
     assert np.array_equal(first, second)
 
 
-def test_crf_device_cuda_without_cuda_fails_at_construction_in_one_line(monkeypatch):
+def test_crf_device_cuda_without_cuda_fails_at_construction_in_one_line(monkeypatch, tiny_checkpoint):
+    """The DCNN actor that would run the CRF fails at construction; the config itself stays valid on a driver
+    without a GPU (a cluster's head), where CUDA is not needed."""
+    from pipeline.dcnn import DCNNConfig, DeepLabPredictor
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    crf_cfg = CRFConfig(backend="torch", device="cuda")
     with pytest.raises(RuntimeError) as err:
-        CRFConfig(backend="torch", device="cuda")
+        DeepLabPredictor(DCNNConfig(model_uri=tiny_checkpoint), crf_cfg=crf_cfg)
     message = str(err.value)
     assert "\n" not in message and "crf.device is 'cuda'" in message and "sees no CUDA device" in message
     with pytest.raises(RuntimeError, match="sees no CUDA device"):
         check_crf_device("cuda")
+    assert check_crf_device("cpu") == torch.device("cpu")
 
 
 def test_crf_device_and_backend_are_checked():
@@ -262,16 +268,22 @@ def test_refine_probs_on_tensors_equals_refine():
 # --- the CRF in the DCNN actor -------------------------------------------------------------------------------------
 
 
-def test_predictor_with_a_crf_config_emits_the_crf_stages_columns(tmp_path):
-    from pipeline.dcnn import DCNNConfig, DeepLabPredictor
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> str:
     from pipeline.model import build_model
     from pipeline.weights import save_checkpoint
 
     torch.manual_seed(0)
-    path = tmp_path / "tiny.pt"
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     model = build_model("deeplab-largefov", width=1 / 16, num_classes=4).eval()
     save_checkpoint(model, str(path), class_names=list("abcd"), provenance={})
-    dcnn_cfg = DCNNConfig(model_uri=str(path), device="cpu", min_input_size=1)
+    return str(path)
+
+
+def test_predictor_with_a_crf_config_emits_the_crf_stages_columns(tiny_checkpoint):
+    from pipeline.dcnn import DCNNConfig, DeepLabPredictor
+
+    dcnn_cfg = DCNNConfig(model_uri=tiny_checkpoint, device="cpu", min_input_size=1)
     crf_cfg = crf_config_for("deeplab-largefov", backend="torch", prune_threshold=0.0)
 
     images = np.empty(3, dtype=object)
@@ -297,20 +309,11 @@ def test_predictor_with_a_crf_config_emits_the_crf_stages_columns(tmp_path):
     assert np.array_equal(fused[S.RAW_MASK][0], plain[S.RAW_MASK][0])
 
 
-def test_predictor_refuses_a_cuda_crf_on_a_cpu_dcnn(tmp_path, monkeypatch):
+def test_predictor_refuses_a_cuda_crf_on_a_cpu_dcnn(tiny_checkpoint, monkeypatch):
     from pipeline import crf_torch
     from pipeline.dcnn import DCNNConfig, DeepLabPredictor
-    from pipeline.model import build_model
-    from pipeline.weights import save_checkpoint
 
-    path = tmp_path / "tiny.pt"
-    save_checkpoint(
-        build_model("deeplab-largefov", width=1 / 16, num_classes=4).eval(),
-        str(path),
-        class_names=list("abcd"),
-        provenance={},
-    )
-    monkeypatch.setattr(crf_torch, "check_crf_device", lambda device: torch.device("cpu"))  # pretend CUDA
+    monkeypatch.setattr(crf_torch, "check_crf_device", lambda device: torch.device("cuda", 0))  # pretend CUDA
     crf_cfg = CRFConfig(backend="torch", device="cuda")
     with pytest.raises(ValueError, match="crf.device is 'cuda' but this DCNN actor runs on cpu"):
-        DeepLabPredictor(DCNNConfig(model_uri=str(path), device="cpu"), crf_cfg=crf_cfg)
+        DeepLabPredictor(DCNNConfig(model_uri=tiny_checkpoint, device="cpu"), crf_cfg=crf_cfg)

@@ -19,7 +19,7 @@ from pipeline.crf import CRFConfig, crf_config_for
 from pipeline.dcnn import DCNNConfig
 from pipeline.decode import DecodeConfig
 from pipeline.model import VARIANTS
-from pipeline.storage import StorageConfig
+from pipeline.storage import StorageConfig, is_s3, read_bytes, redact, settle, storage_env_values
 from pipeline.write import RETRY_POLICIES
 
 __all__ = [
@@ -52,8 +52,20 @@ class ReadConfig:
     # Largest image or label object read, in bytes, checked before the body is read: a bigger one is a
     # `too_large` row (permanent), never a worker out of memory.
     max_bytes: int = 256 << 20
+    # The manifest trust rule (storage.check_source_allowed): the prefixes a manifest's image and label URIs must
+    # lie under. Empty: an s3:// manifest may name only s3:// objects, a local one local paths and s3:// objects.
+    allowed_prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.allowed_prefixes, str | list):
+            prefixes = (
+                [self.allowed_prefixes] if isinstance(self.allowed_prefixes, str) else self.allowed_prefixes
+            )
+            object.__setattr__(self, "allowed_prefixes", tuple(prefixes))
+        if not all(isinstance(p, str) and p for p in self.allowed_prefixes):
+            raise ConfigError(
+                f"read.allowed_prefixes must be a list of prefixes, got {self.allowed_prefixes!r}"
+            )
         if self.input_format not in INPUT_FORMATS:
             raise ConfigError(f"read.input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}")
         if self.items_per_block < 1:
@@ -216,26 +228,7 @@ def load_job_config(path: str | None = None, **overrides: Any) -> tuple[JobConfi
     Returns the config with ``crf`` still unresolved (variant-dependent defaults) and the raw CRF overrides; call
     ``resolve_crf(cfg, variant, crf_overrides)`` once the checkpoint's variant is known.
     """
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
-        except UnicodeDecodeError as e:
-            raise ConfigError(
-                f"config file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML"
-            ) from e
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError(
-                f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}"
-            ) from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    raw = _read_config_file(path, overrides.get("storage")) if path else {}
     sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     crf_raw: dict[str, Any] = {}
     evaluate = True
@@ -267,9 +260,47 @@ def load_job_config(path: str | None = None, **overrides: Any) -> tuple[JobConfi
     variant = sections["dcnn"].get("expected_variant")
     if variant is not None and variant not in VARIANTS:
         raise ConfigError(f"unknown variant {variant!r}; expected one of {list(VARIANTS)}")
+    # Storage: flags, then the file, then the AWS environment, then defaults (as storage.storage_settings).
+    sections["storage"] = {**storage_env_values(), **sections["storage"]}
     built = {name: _coerce(cls, name, sections[name]) for name, cls in _SECTIONS.items()}
+    built["storage"] = settle(built["storage"])
     cfg = JobConfig(crf=None, evaluate=evaluate, **built)
     return cfg, crf_raw
+
+
+def _read_config_file(path: str, storage_flags: dict | None) -> dict[str, Any]:
+    """The YAML mapping at ``path`` (a local file or an s3:// object, read with the flags' and the environment's
+    storage settings)."""
+    storage = None
+    if is_s3(path):
+        storage = settle(_coerce(StorageConfig, "storage", {**storage_env_values(), **(storage_flags or {})}))
+    try:
+        if storage is not None:
+            text = read_bytes(path, storage, max_bytes=_MAX_CONFIG_BYTES).decode("utf-8")
+        else:
+            text = Path(path).expanduser().read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8 YAML"
+        ) from e
+    except FileNotFoundError as e:
+        raise ConfigError(f"cannot read config file {path}: no such file or object") from e
+    except Exception as e:  # noqa: BLE001 - OSError, ObjectTooLarge, botocore's errors (not all are OSErrors)
+        raise ConfigError(
+            f"cannot read config file {path}: {redact(getattr(e, 'strerror', None) or str(e))}"
+        ) from e
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    return raw
+
+
+_MAX_CONFIG_BYTES = 1 << 20  # a job YAML is a few KB; refuse anything that is not one before reading it
 
 
 def load_job_config_from_args(args: Any) -> tuple[JobConfig, dict[str, Any]]:
@@ -278,8 +309,9 @@ def load_job_config_from_args(args: Any) -> tuple[JobConfig, dict[str, Any]]:
         key: getattr(args, key, None)
         for key in ("input", "labels", "output", "model", "variant", "split", "input_format", "retry_errors")
     }
-    if getattr(args, "endpoint_url", None):
-        overrides["storage"] = {"endpoint_url": args.endpoint_url}
+    storage = {k: getattr(args, k, None) for k in ("endpoint_url", "region")}
+    if any(v is not None for v in storage.values()):
+        overrides["storage"] = {k: v for k, v in storage.items() if v is not None}
     return load_job_config(args.config, **overrides)
 
 

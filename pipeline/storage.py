@@ -1,9 +1,11 @@
 """Object storage in one place: URIs, the S3 client config, and byte-level I/O for local paths and ``s3://``.
 
-boto3 lists and probes (it honours ``AWS_ENDPOINT_URL`` and the whole credential chain); pyarrow's S3FileSystem
-moves data (it ignores ``AWS_ENDPOINT_URL``, so the endpoint is passed explicitly). Credentials are never stored in
-``StorageConfig``: they are resolved from the standard AWS chain inside each process, so no config we write out can
-carry a secret. Clients are created lazily per process (boto3 clients are not fork/pickle-safe).
+boto3 lists and probes; pyarrow's S3FileSystem moves data. Both are built from one ``StorageConfig`` (pyarrow reads
+neither ``AWS_ENDPOINT_URL`` nor the bucket's region by itself), and ``storage_settings`` builds that config the same
+way for every command: flags, then the config file, then the AWS environment, then defaults. Credentials are never
+stored in ``StorageConfig``: they come from the standard AWS chain inside each process (so no config we write out
+can carry a secret) and are re-read before they expire. Clients are created lazily per process (boto3 clients are
+not fork/pickle-safe).
 """
 
 from __future__ import annotations
@@ -13,13 +15,22 @@ import errno
 import functools
 import os
 import tempfile
-from dataclasses import dataclass
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
 __all__ = [
     "StorageConfig",
+    "storage_settings",
+    "storage_env_values",
+    "settle",
+    "bucket_region",
+    "ask_bucket_region",
+    "check_source_allowed",
+    "CHECKSUM_MODES",
     "StorageError",
     "StorageOutage",
     "ObjectTooLarge",
@@ -53,7 +64,13 @@ class StorageConfig:
     """How to reach object storage. Holds no secrets: credentials come from the AWS chain in each process."""
 
     endpoint_url: str | None = None  # S3-compatible endpoint, e.g. "http://127.0.0.1:9000"; None = AWS
-    region: str = "us-east-1"
+    # Signing region. None: us-east-1 for a custom endpoint; on AWS each bucket's own region (asked once per
+    # bucket and process), so a bucket outside us-east-1 works without settings.
+    region: str | None = None
+    # Request checksums (CRC trailers with aws-chunked uploads) for boto3 and pyarrow: "when_supported" (AWS's
+    # default) or "when_required". None: "when_required" for a custom endpoint, whose store may keep the chunk
+    # framing inside the object (s3rver does: every Parquet file then reads "magic bytes not found").
+    request_checksum_calculation: str | None = None
     retry_mode: str = "standard"  # botocore retry mode: "standard" or "adaptive"
     max_attempts: int = 8  # botocore/pyarrow attempts per request, retries on 5xx, SlowDown, resets
     connect_timeout_s: float = 5.0
@@ -78,6 +95,11 @@ class StorageConfig:
             )
         if self.max_attempts < 1:
             raise ValueError(f"storage.max_attempts must be >= 1, got {self.max_attempts}")
+        if self.request_checksum_calculation not in (None, *CHECKSUM_MODES):
+            raise ValueError(
+                f"storage.request_checksum_calculation must be one of {CHECKSUM_MODES}, got "
+                f"{self.request_checksum_calculation!r}"
+            )
         if not 0 < self.outage_rate <= 1:
             raise ValueError(f"storage.outage_rate must be in (0, 1], got {self.outage_rate}")
         if self.outage_min_failures < 1 or self.outage_window_s <= 0 or self.outage_wait_s < 0:
@@ -86,15 +108,60 @@ class StorageConfig:
                 f"{self.outage_min_failures}, {self.outage_window_s}, {self.outage_wait_s}"
             )
 
+    @property
+    def checksum_mode(self) -> str:
+        """The request-checksum mode in force: the setting, else by endpoint (see the field)."""
+        if self.request_checksum_calculation:
+            return self.request_checksum_calculation
+        return "when_required" if self.endpoint_url else "when_supported"
+
     @classmethod
-    def from_env(cls, **overrides) -> StorageConfig:
-        """Endpoint and region from the standard AWS variables, then explicit overrides."""
-        values = {
-            "endpoint_url": os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
-            "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        }
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def from_env(cls, **flags) -> StorageConfig:
+        """``storage_settings(flags)``: the command line's values over the AWS environment over defaults."""
+        return storage_settings(flags)
+
+
+CHECKSUM_MODES = ("when_supported", "when_required")
+# The AWS variables boto3 honours, in their precedence order, and the StorageConfig key each one sets.
+_ENV_KEYS = (
+    ("endpoint_url", ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")),
+    ("region", ("AWS_REGION", "AWS_DEFAULT_REGION")),
+    ("request_checksum_calculation", ("AWS_REQUEST_CHECKSUM_CALCULATION",)),
+)
+
+
+def storage_env_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The StorageConfig keys the AWS environment sets (AWS_ENDPOINT_URL_S3 over AWS_ENDPOINT_URL, AWS_REGION over
+    AWS_DEFAULT_REGION, AWS_REQUEST_CHECKSUM_CALCULATION); empty variables count as unset."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, str] = {}
+    for key, names in _ENV_KEYS:
+        found = next((environ[n] for n in names if environ.get(n)), None)
+        if found is not None:
+            values[key] = found.lower() if key == "request_checksum_calculation" else found
+    return values
+
+
+def settle(cfg: StorageConfig) -> StorageConfig:
+    """``cfg`` with its automatic choices made explicit, so that a run's manifest records what was used."""
+    if cfg.request_checksum_calculation is None:
+        return replace(cfg, request_checksum_calculation=cfg.checksum_mode)
+    return cfg
+
+
+def storage_settings(
+    flags: Mapping | None = None, file: Mapping | None = None, environ: Mapping[str, str] | None = None
+) -> StorageConfig:
+    """The one way to build storage settings: ``flags`` (None values ignored), then ``file`` (the config file's
+    ``storage:`` section), then the AWS environment (``storage_env_values``), then the defaults."""
+    values: dict = storage_env_values(environ)
+    values.update({k: v for k, v in (file or {}).items() if v is not None})
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    known = {f.name for f in fields(StorageConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown storage key(s) {unknown}; known keys: {sorted(known)}")
+    return settle(StorageConfig(**values))
 
 
 def is_s3(uri: str) -> bool:
@@ -122,6 +189,45 @@ def join(base: str, *parts: str) -> str:
             raise ValueError(f"path part {part!r} may not contain '.' or '..' segments")
         out = f"{out}/{part}"
     return out
+
+
+def _scheme(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() + "://" if "://" in uri else ""
+
+
+def _under(uri: str, prefix: str) -> bool:
+    if not _scheme(prefix):  # local prefixes compare as normalised absolute paths ('/data/../etc' is '/etc')
+        if _scheme(uri):
+            return False
+        uri, prefix = os.path.normpath(os.path.abspath(uri)), os.path.normpath(os.path.abspath(prefix))
+        return uri == prefix or uri.startswith(prefix.rstrip("/") + "/")
+    return uri == prefix.rstrip("/") or uri.startswith(prefix.rstrip("/") + "/")
+
+
+def check_source_allowed(
+    source_uri: str, manifest_uri: str, allowed_prefixes: tuple[str, ...] | None = None
+) -> None:
+    """Raise PermissionError when a manifest may not name ``source_uri`` (the manifest trust rule).
+
+    With ``read.allowed_prefixes`` set, every image and label a manifest names must lie under one of them. Without
+    it, an ``s3://`` manifest may name only ``s3://`` objects (never a local file of the machine that reads it),
+    and a local manifest local files or ``s3://`` objects; any other scheme (``file://``, ``http://``) is refused.
+    The message names the source and the rule, never the source's contents.
+    """
+    if allowed_prefixes:
+        if any(_under(source_uri, p) for p in allowed_prefixes):
+            return
+        raise PermissionError(
+            f"manifest {manifest_uri} names {source_uri}, outside read.allowed_prefixes {list(allowed_prefixes)}"
+        )
+    scheme, own = _scheme(source_uri), _scheme(manifest_uri)
+    if scheme == own or (own == "" and scheme == "s3://"):
+        return
+    allowed = "s3:// objects" if own == "s3://" else "local paths and s3:// objects"
+    raise PermissionError(
+        f"manifest {manifest_uri} names {source_uri}: a{'n s3://' if own else ' local'} manifest may name only "
+        f"{allowed}; list other sources in read.allowed_prefixes"
+    )
 
 
 # S3 error codes that say nothing about the object itself: throttling, server trouble, expired credentials, clock.
@@ -202,30 +308,87 @@ def _boto_session():
     return boto3.session.Session()
 
 
+DEFAULT_REGION = "us-east-1"
+
+
 @functools.lru_cache(maxsize=8)
-def s3_client(cfg: StorageConfig):
-    """A boto3 S3 client for this process (cached per config)."""
+def s3_client(cfg: StorageConfig, region: str | None = None):
+    """A boto3 S3 client for this process (cached per config). Its credentials refresh themselves (botocore)."""
     from botocore.config import Config
 
     return _boto_session().client(
         "s3",
         endpoint_url=cfg.endpoint_url,
-        region_name=cfg.region,
+        region_name=region or cfg.region or DEFAULT_REGION,
         config=Config(
             retries={"mode": cfg.retry_mode, "max_attempts": cfg.max_attempts},
             connect_timeout=cfg.connect_timeout_s,
             read_timeout=cfg.request_timeout_s,
             s3={"addressing_style": "path"} if cfg.endpoint_url else {},
+            request_checksum_calculation=cfg.checksum_mode,
         ),
     )
 
 
-@functools.lru_cache(maxsize=8)
-def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
+@functools.lru_cache(maxsize=256)
+def bucket_region(bucket: str, cfg: StorageConfig) -> str:
+    """The region pyarrow signs for: ``cfg.region``, else us-east-1 for a custom endpoint, else (on AWS) the
+    bucket's own region, asked once per bucket and process."""
+    if cfg.region or cfg.endpoint_url:
+        return cfg.region or DEFAULT_REGION
+    return ask_bucket_region(s3_client(cfg), bucket)
+
+
+def ask_bucket_region(client, bucket: str) -> str:
+    """A bucket's region from S3: HEAD bucket's x-amz-bucket-region (AWS sends it with a 403 and a 301 too), else
+    GetBucketLocation, else us-east-1 (the request itself will then say what is wrong)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        headers = client.head_bucket(Bucket=bucket)["ResponseMetadata"].get("HTTPHeaders", {})
+    except ClientError as e:
+        headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    except BotoCoreError:
+        headers = {}
+    if headers.get("x-amz-bucket-region"):
+        return headers["x-amz-bucket-region"]
+    try:
+        return client.get_bucket_location(Bucket=bucket).get("LocationConstraint") or DEFAULT_REGION
+    except (ClientError, BotoCoreError):
+        return DEFAULT_REGION
+
+
+_fs_lock = threading.Lock()
+_filesystems: dict[tuple[StorageConfig, str], tuple[pafs.S3FileSystem, object]] = {}
+
+
+def _frozen_credentials():
+    """A snapshot of this process's AWS credentials, refreshed first when they expire within the margin."""
     creds = _boto_session().get_credentials()
+    if creds is None:
+        return None
+    # RefreshableCredentials (roles, IRSA, SSO, credential_process) refresh inside this call once they expire
+    # within 15 minutes, so a snapshot taken here is good for at least 10 (botocore's mandatory margin).
+    return creds.get_frozen_credentials()
+
+
+def _s3_filesystem(cfg: StorageConfig, region: str) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem for ``cfg`` and ``region``, rebuilt whenever the credentials changed: pyarrow keeps
+    the keys it was given, so a process must never hold one past the credentials' expiry."""
+    frozen = _frozen_credentials()
+    key = (cfg, region)
+    with _fs_lock:
+        held = _filesystems.get(key)
+        if held is not None and held[1] == frozen:
+            return held[0]
+        fs = _build_s3_filesystem(cfg, region, frozen)
+        _filesystems[key] = (fs, frozen)
+        return fs
+
+
+def _build_s3_filesystem(cfg: StorageConfig, region: str, frozen) -> pafs.S3FileSystem:
     kwargs: dict = {}
-    if creds is not None:
-        frozen = creds.get_frozen_credentials()
+    if frozen is not None:
         kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key)
         if frozen.token:
             kwargs["session_token"] = frozen.token
@@ -234,20 +397,30 @@ def _s3_filesystem(cfg: StorageConfig) -> pafs.S3FileSystem:
     if cfg.endpoint_url:
         scheme, _, host = cfg.endpoint_url.partition("://")
         kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
-    return pafs.S3FileSystem(
-        region=cfg.region,
-        connect_timeout=cfg.connect_timeout_s,
-        request_timeout=cfg.request_timeout_s,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts),
-        **kwargs,
-    )
+    # pyarrow 26 has no checksum option: its AWS SDK reads the variable when the client is built (measured against
+    # s3rver: Parquet written with it set reads back, without it not), so it is set for the construction only.
+    name, saved = "AWS_REQUEST_CHECKSUM_CALCULATION", os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION")
+    os.environ[name] = cfg.checksum_mode
+    try:
+        return pafs.S3FileSystem(
+            region=region,
+            connect_timeout=cfg.connect_timeout_s,
+            request_timeout=cfg.request_timeout_s,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=cfg.max_attempts),
+            **kwargs,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 def filesystem(uri: str, cfg: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it for ``uri`` (``bucket/key`` for S3, absolute path locally)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        return _s3_filesystem(cfg), f"{bucket}/{key}".rstrip("/")
+        return _s3_filesystem(cfg, bucket_region(bucket, cfg)), f"{bucket}/{key}".rstrip("/")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 

@@ -25,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.localfiles import UnsafePath, create_private_file, private_dir
 from pipeline.services import LocalS3, free_port
 
 __all__ = [
@@ -192,8 +193,7 @@ class LocalHead:
         return temp
 
     def start(self, timeout_s: float = 90.0) -> LocalHead:
-        base = Path(self.base_dir).resolve()
-        base.mkdir(parents=True, exist_ok=True)
+        base = private_dir(Path(self.base_dir).resolve(), what="head folder")  # holds the token
         temp = self._temp_dir(base)
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_") and k != "RAY_ADDRESS"}
         env.update(self.extra_env)
@@ -207,8 +207,7 @@ class LocalHead:
         if self.auth_mode == "token":
             token_file = base / TOKEN_FILE
             token = self.token or secrets.token_hex(32)
-            token_file.touch(mode=0o600, exist_ok=True)
-            token_file.write_text(token)
+            create_private_file(token_file, token.encode(), what="token file")  # O_EXCL | O_NOFOLLOW, 0600
             env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
         ports = {
             "--port": free_port(),
@@ -382,13 +381,17 @@ def localhead_main(argv: list[str] | None = None) -> int:
         if (base / HEAD_INFO_FILE).exists():
             print(f"a head is already recorded in {base / HEAD_INFO_FILE}; stop it first", file=sys.stderr)
             return 1
-        head = LocalHead(
-            base,
-            num_cpus=args.num_cpus,
-            num_gpus=args.num_gpus,
-            resources=json.loads(args.resources),
-            auth_mode=args.auth_mode,
-        ).start()
+        try:
+            head = LocalHead(
+                base,
+                num_cpus=args.num_cpus,
+                num_gpus=args.num_gpus,
+                resources=json.loads(args.resources),
+                auth_mode=args.auth_mode,
+            ).start()
+        except UnsafePath as e:
+            print(f"localhead: error: {e}", file=sys.stderr)
+            return 2
         head._proc = None  # detach: the head outlives this command; stop-head finds it through head.json
         assert head.info is not None
         print(f"dashboard: {head.info.dashboard_url}")

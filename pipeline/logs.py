@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
+from pipeline.localfiles import open_log_file, private_dir
+
 __all__ = [
     "QUIET",
     "NORMAL",
@@ -153,8 +155,14 @@ def command_output(
             _state.mode = NORMAL
         return
 
-    path = Path(log_path or default_log_path(command)).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if log_path or os.environ.get(LOG_DIR_ENV):
+        path = Path(log_path or default_log_path(command)).expanduser().resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+    else:  # the shared temp folder: our per-user folder must be ours and closed to others
+        mine = private_dir(Path(tempfile.gettempdir()) / f"deeplab-{os.getuid()}", what="log folder")
+        path = private_dir(mine / "logs", what="log folder") / Path(default_log_path(command)).name
+    # 0600, O_EXCL | O_NOFOLLOW: the file holds what the terminal used to show; for the user's eyes only
+    log_fd = open_log_file(path)
     orig_err = sys.stderr
     try:
         orig_fd = orig_err.fileno()
@@ -171,8 +179,6 @@ def command_output(
         )  # fmt: skip
     else:
         user = orig_err
-    # 0600: the file holds what the terminal used to show; for the user's eyes only
-    log_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.dup2(log_fd, 2)  # C++ writes (Ray's core worker) and child processes that inherit stderr
     os.close(log_fd)
     log_stream = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115

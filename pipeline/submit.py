@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import re
 import shlex
 import sys
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ __all__ = [
     "parse_env_args",
     "repo_root",
     "resolve_address",
+    "check_transport",
     "resolve_auth_token",
     "stop_job",
     "submit_job",
@@ -287,10 +290,38 @@ def _add_conn_args(p: argparse.ArgumentParser) -> None:
         "--token-file",
         help="file holding the cluster's auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)",
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain http:// to a non-loopback address (the token and the job travel unencrypted)",
+    )
+
+
+def check_transport(address: str, *, insecure: bool = False) -> None:
+    """Refuse plain ``http://`` to anything but this machine unless ``insecure``: the bearer token, the job's
+    arguments and its ``--env`` values would cross the network in clear text."""
+    parsed = urllib.parse.urlsplit(address)
+    if parsed.scheme != "http" or insecure or _is_loopback(parsed.hostname or ""):
+        return
+    raise SubmitError(
+        f"refusing plain http:// to {parsed.hostname}: the token and the job would travel unencrypted. Use "
+        "https:// (e.g. through a TLS proxy or `kubectl port-forward` to 127.0.0.1), or pass --insecure"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name: only "localhost" is known to stay on this machine
+        return False
 
 
 def _conn(args: argparse.Namespace) -> _Conn:
-    return _Conn(resolve_address(args.address), resolve_auth_token(token_file=args.token_file))
+    address = resolve_address(args.address)
+    check_transport(address, insecure=getattr(args, "insecure", False))
+    return _Conn(address, resolve_auth_token(token_file=args.token_file))
 
 
 def _available_jobs(working_dir: Path) -> list[str]:

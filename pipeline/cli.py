@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -30,14 +31,33 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--retry-errors",
         choices=["retryable", "all", "none"],
-        help="which error rows of an earlier run to process again (default retryable: storage, credentials, "
-        "memory; all: also undecodable images and other permanent errors; none: keep every row)",
+        help="which error rows of an earlier run to process again (default retryable: timeouts, throttling, "
+        "5xx, expired credentials, up to write.max_retries attempts; all: also permanent errors; none: keep "
+        "every row)",
+    )
+    p.add_argument(
+        "--allow-identity-change",
+        action="store_true",
+        help="add this run's rows to an output made from another input, model or CRF settings (refused otherwise)",
+    )
+    p.add_argument(
+        "--break-lease",
+        action="store_true",
+        help="take over the output's lease from a run you know is gone (see docs/operations.md)",
     )
     p.add_argument("--no-crf", action="store_true", help="skip the dense CRF (masks are the DCNN argmax)")
     p.add_argument("--no-evaluate", action="store_true", help="don't compute metrics at the end")
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL or AWS)")
     p.add_argument(
-        "--config", help="job YAML (keys: input, output, model, read, write, dcnn, crf, pools, ...)"
+        "--endpoint-url",
+        help="S3-compatible endpoint (default: storage.endpoint_url, AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS)",
+    )
+    p.add_argument(
+        "--region",
+        help="S3 signing region (default: storage.region, AWS_REGION, AWS_DEFAULT_REGION; on AWS the bucket's own)",
+    )
+    p.add_argument(
+        "--config",
+        help="job YAML, a local path or s3:// URI (keys: input, output, model, read, write, dcnn, crf, pools, ...)",
     )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, or start a local Ray)")
     p.add_argument(
@@ -58,6 +78,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         crf_raw = {"enabled": False}
     if args.no_evaluate:
         cfg = cfg.__class__(**{**cfg.__dict__, "evaluate": False})
+    if args.allow_identity_change:
+        cfg = dataclasses.replace(cfg, write=dataclasses.replace(cfg.write, allow_identity_change=True))
     if args.dry_run:
         print(format_dry_run(dry_run_segment(cfg, crf_raw, address=args.address)), flush=True)
         print_logs_line()
@@ -65,7 +87,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from pipeline.segment import StorageDown
 
     try:
-        manifest = run_segment(cfg, crf_raw, address=args.address)
+        manifest = run_segment(cfg, crf_raw, address=args.address, break_lease=args.break_lease)
     except (
         StorageDown
     ) as e:  # EX_TEMPFAIL as below: storage went down; the same command resumes once it is back
@@ -279,6 +301,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"deeplab {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - anything else is one line too; --verbose shows the traceback
+        if args.verbose:
+            raise
+        print(
+            f"deeplab {args.command}: error: {one_line(e)} (--verbose shows the traceback)", file=sys.stderr
+        )
+        return 2 if isinstance(_root_cause(e), OSError | ValueError | LookupError) else 1
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exception a Ray task raised (RayTaskError keeps it as ``cause``), else ``exc``."""
+    seen: set[int] = set()
+    while getattr(exc, "cause", None) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.cause
+    return exc
+
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, secrets removed: what the user sees of an unexpected error."""
+    from pipeline.storage import redact
+
+    cause = _root_cause(exc)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if lines and lines[0].startswith(
+        "ray::"
+    ):  # Ray's text of a task error: the last line names the exception
+        text = lines[-1]
+        return redact(text)[:500]
+    return redact(f"{type(cause).__name__}: {text}" if text else type(cause).__name__)[:500]
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ __all__ = [
     "scene_seed",
     "write_voc_dataset",
     "make_scenes_main",
+    "shipped_model_classes",
 ]
 
 log = logging.getLogger(__name__)
@@ -478,15 +479,31 @@ def _parse_size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def shipped_model_classes() -> int:
+    """The number of classes of the checkpoint shipped in pipeline/assets (the demo's and a newcomer's model)."""
+    from pipeline.demo import DEMO_CHECKPOINT
+    from pipeline.weights import describe_checkpoint
+
+    return int(describe_checkpoint(str(DEMO_CHECKPOINT))["num_classes"])
+
+
 def make_scenes_main(argv: list[str] | None = None) -> int:
-    """``deeplab make-scenes --output DIR|s3://... --count N --size WxH --num-classes K --seed S``."""
+    """``deeplab make-scenes --output DIR|s3://... --count N --size WxH --num-classes K --seed S``.
+
+    K defaults to the shipped model's classes (6); pass 21 for VOC's."""
     p = argparse.ArgumentParser(
         prog="deeplab make-scenes", description="Generate a VOC-layout dataset of scenes."
     )
     p.add_argument("--output", required=True, help="local directory or s3://bucket/prefix")
     p.add_argument("--count", type=int, required=True)
     p.add_argument("--size", type=_parse_size, default=(160, 120), help="WxH (default 160x120)")
-    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="classes drawn, background included (default: the shipped model's, so `deeplab segment` with it "
+        "can label every scene)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--jpeg-quality", type=int, default=90)
@@ -505,7 +522,7 @@ def make_scenes_main(argv: list[str] | None = None) -> int:
         args.output,
         count=args.count,
         size=args.size,
-        num_classes=args.num_classes,
+        num_classes=args.num_classes or shipped_model_classes(),
         seed=args.seed,
         val_fraction=args.val_fraction,
         storage_cfg=cfg,

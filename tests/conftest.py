@@ -1,4 +1,4 @@
-"""Shared fixtures: a real moto S3 server on 127.0.0.1 and a real local Ray cluster."""
+"""Shared fixtures: a real moto S3 server and s3rver (a second S3 implementation) on 127.0.0.1, a local Ray."""
 
 from __future__ import annotations
 
@@ -9,6 +9,22 @@ import pytest
 
 from pipeline.services import LOCAL_S3_ENV, LocalS3
 from pipeline.storage import StorageConfig, s3_client
+
+
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "integration: needs a local Ray cluster, an S3 server or a subprocess job (runs in CI)"
+    )
+
+
+@pytest.fixture(scope="session")
+def s3rver():
+    """s3rver (npm) on 127.0.0.1 with a free port and one bucket, ``data``; its credentials are in
+    ``s3compat.S3RVER_ENV``. Nothing goes into os.environ: tests hand the endpoint to a subprocess or a config."""
+    from s3compat import S3rver
+
+    with S3rver(buckets=("data",)) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
     python bench/plan.py                       # 100k and 1M inputs, resume against 0 / 100 / 1000 parts
     python bench/plan.py --sizes 100000,1000000,10000000 --parts 0,100,1000,10000
+    python bench/plan.py --folders 20000,100000   # a tree of one-image folders (the folder-per-image layout)
 
 Inputs are a synthetic manifest (10 Parquet files of image URIs under a scratch folder; nothing is downloaded: the
 job never reads an image while planning). Each size runs the segment job's own driver steps on a local Ray:
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -62,6 +64,41 @@ def write_parts(masks: Path, n_parts: int) -> None:
         )
 
 
+def write_tree(root: Path, n: int) -> None:
+    """n folders of one (empty) image each: nothing is read while planning."""
+    for k in range(n):
+        folder = root / f"{k // 1000:04d}" / f"{k:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "img.jpg").touch()
+
+
+def bench_folders(sizes: list[int], work: Path, storage: StorageConfig) -> None:
+    """Plan a folder-per-image tree: listing tasks of UNITS_PER_TASK folders, LIST_TASKS_IN_FLIGHT at once."""
+    print(f"{'folders':>10} {'tasks':>7} {'plan s':>8} {'peak RSS MiB':>13}")
+    rows = []
+    for n in sizes:
+        tree = work / f"tree{n}"
+        ray.get(ray.remote(write_tree).remote(tree, n))
+        index = index_output(str(work / f"tout{n}"), storage)
+        t0 = time.perf_counter()
+        job = plan_job(ReadConfig(input_uri=str(tree), input_format="images"), str(work / f"tout{n}"), storage,
+                       index.done)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        assert job.inputs == n, job
+        rows.append((n, job.units, seconds, peak_rss_mib()))
+        print(f"{n:>10} {job.units:>7} {seconds:>8.2f} {peak_rss_mib():>13.0f}")
+        shutil.rmtree(tree)
+        shutil.rmtree(work / f"tout{n}")
+    if len(rows) > 1:
+        (a, _, sa, ra), (b, _, sb, rb) = rows[0], rows[-1]
+        per_folder_mib, per_folder_s = (rb - ra) / (b - a), (sb - sa) / (b - a)
+        print(
+            f"{b // a}x the folders: {sb / sa:.2f}x the time, driver +{rb - ra:.0f} MiB; extrapolated along that "
+            f"slope to 1M folders: {sb + per_folder_s * (1e6 - b):.0f} s, driver peak "
+            f"{rb + per_folder_mib * (1e6 - b):.0f} MiB"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="100000,1000000", help="comma-separated input counts")
@@ -71,11 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workdir", default=None, help="scratch folder (default: a temp dir, removed at the end)"
     )
+    ap.add_argument(
+        "--folders", default=None, help="comma-separated folder counts: plan a one-image-folder tree"
+    )
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     part_counts = [int(p) for p in args.parts.split(",")]
-
-    import ray
 
     ray.init(num_cpus=max(5, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
@@ -89,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{'inputs':>10} {'parts':>6} {'index s':>8} {'plan s':>8} {'check s':>8} {'todo':>10} {'peak RSS MiB':>13}"
     )
     results = {}
+    if args.folders:
+        try:
+            bench_folders([int(n) for n in args.folders.split(",")], work, storage)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            ray.shutdown()
+        return 0
     try:
         for n in sizes:
             manifest = work / f"m{n}"
@@ -97,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
                 out = work / f"out{n}-{n_parts}"
                 ray.get(ray.remote(write_parts).remote(out / "masks", min(n_parts, n // ROWS_PER_PART)))
                 t0 = time.perf_counter()
-                done_ref, _, _ = index_output(str(out), storage)
+                index = index_output(str(out), storage)
                 t1 = time.perf_counter()
                 job = plan_job(
-                    ReadConfig(input_uri=str(manifest), input_format="manifest"), str(out), storage, done_ref
+                    ReadConfig(input_uri=str(manifest), input_format="manifest"),
+                    str(out),
+                    storage,
+                    index.done,
                 )
                 t2 = time.perf_counter()
                 check = verify_output(job, str(out), storage)

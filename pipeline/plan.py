@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from pipeline import schema as S
 from pipeline.storage import (
     StorageConfig,
+    check_source_allowed,
     filesystem,
     is_s3,
     join,
@@ -320,25 +321,44 @@ def _manifest_batches(uri: str, storage_cfg: StorageConfig) -> Iterator[pa.Recor
         yield from pq.ParquetFile(f).iter_batches(batch_size=PLAN_ROWS_PER_FILE)
 
 
-def _manifest_items(uri: str, storage_cfg: StorageConfig) -> Iterator[dict[str, list]]:
+def _manifest_strings(batch: pa.RecordBatch, name: str, uri: str) -> list[str | None]:
+    """One manifest column as strings; a nested column (list, struct, map) is a user's error, not a crash."""
+    column = batch.column(name)
+    if pa.types.is_nested(column.type) or not (
+        pa.types.is_string(column.type)
+        or pa.types.is_large_string(column.type)
+        or pa.types.is_integer(column.type)
+        or pa.types.is_null(column.type)
+        or pa.types.is_dictionary(column.type)
+    ):
+        raise ValueError(f"manifest {uri}: column {name!r} must hold strings, got {column.type}")
+    return column.cast(pa.string()).to_pylist()
+
+
+def _manifest_items(
+    uri: str, storage_cfg: StorageConfig, allowed_prefixes: tuple[str, ...] = ()
+) -> Iterator[dict[str, list]]:
+    """A manifest's work items; every image and label it names must pass storage.check_source_allowed."""
     base = uri.rsplit("/", 1)[0]
     for batch in _manifest_batches(uri, storage_cfg):
         names = batch.schema.names
         image_col = _pick(names, _MANIFEST_IMAGE, "image URI", uri, required=True)
         label_col = _pick(names, _MANIFEST_LABEL, "label URI", uri, required=False)
         id_col = _pick(names, _MANIFEST_ID, "image id", uri, required=False)
-        images = batch.column(image_col).cast(pa.string()).to_pylist()
-        sources = [_manifest_uri(v, base) for v in images]
+        sources = [_manifest_uri(v, base) for v in _manifest_strings(batch, image_col, uri)]
         bad = [k for k, v in enumerate(sources) if v is None]
         if bad:
             raise ValueError(f"manifest {uri}: {len(bad)} rows have no image URI (first at row {bad[0]})")
         labels = (
-            [_manifest_uri(v, base) for v in batch.column(label_col).cast(pa.string()).to_pylist()]
+            [_manifest_uri(v, base) for v in _manifest_strings(batch, label_col, uri)]
             if label_col
             else [None] * len(sources)
         )
+        for named in (*sources, *labels):
+            if named is not None:
+                check_source_allowed(named, uri, allowed_prefixes)
         if id_col:
-            ids = batch.column(id_col).cast(pa.string()).to_pylist()
+            ids = _manifest_strings(batch, id_col, uri)
             ids = [i if i else _id_from_uri(s) for i, s in zip(ids, sources, strict=True)]
         else:
             ids = [_id_from_uri(s) for s in sources]

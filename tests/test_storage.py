@@ -201,3 +201,42 @@ def test_credentials_rotate_during_a_run(tmp_path, monkeypatch, fresh_clients):
         assert calls.count(first) >= 1 and calls.count(second) >= 1  # the process was asked again
         listing = storage.list_files("s3://rotating", cfg)
         assert listing == ["s3://rotating/after.parquet", "s3://rotating/before.parquet"]
+
+
+@pytest.mark.integration
+def test_segment_through_the_cli_records_the_environments_endpoint_and_region(
+    local_s3, storage_cfg, bucket, tmp_path
+):
+    """The bar: AWS_ENDPOINT_URL and AWS_DEFAULT_REGION alone (no flag, no config) reach `deeplab segment`, and
+    its _manifest.json records both."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from pipeline.scenes import write_voc_dataset
+
+    root = Path(__file__).resolve().parent.parent
+    write_voc_dataset(f"{bucket}/scenes", count=2, size=(48, 32), num_classes=6, storage_cfg=storage_cfg)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
+    env.update(
+        AWS_ACCESS_KEY_ID=os.environ["AWS_ACCESS_KEY_ID"],
+        AWS_SECRET_ACCESS_KEY=os.environ["AWS_SECRET_ACCESS_KEY"],
+        AWS_ENDPOINT_URL=local_s3.endpoint_url,
+        AWS_DEFAULT_REGION="eu-west-3",
+        PYTHONPATH=str(root),
+        DEEPLAB_LOG_DIR=str(tmp_path / "logs"),
+    )
+    model = root / "pipeline" / "assets" / "demo-largefov.pt"
+    args = ["segment", "--input", f"{bucket}/scenes", "--output", f"{bucket}/out", "--model", str(model)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args, "--no-crf", "--no-evaluate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = storage.read_bytes(f"{bucket}/out/_manifest.json", storage_cfg).decode()
+    recorded = json.loads(manifest)["config"]["storage"]
+    assert (recorded["endpoint_url"], recorded["region"]) == (local_s3.endpoint_url, "eu-west-3")
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in manifest

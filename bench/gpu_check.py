@@ -1,6 +1,6 @@
 """GPU check: the measurement the first GPU machine runs, replacing the paper plan of docs/performance.md.
 
-One command, on one GPU, in ~3-6 minutes (bar: 10). Prints a table per check and exits 0 when all pass, 1 when
+One command, on one GPU, in ~4-7 minutes (bar: 10). Prints a table per check and exits 0 when all pass, 1 when
 any fails, 2 when torch sees no CUDA device (one line says why; nothing else runs):
 
 1. **Device**: GPU, compute capability, memory, driver, torch / CUDA / cuDNN versions, native bf16.
@@ -20,8 +20,14 @@ any fails, 2 when torch sees no CUDA device (one line says why; nothing else run
    model's fp32 logits) x the best images/s of step 3 = the CRF vCPUs one GPU keeps busy.
 5. **End to end**: ``pipeline.segment.run_segment`` on a local Ray with this GPU (``num_gpus=1``): every row ok,
    the DCNN pool planned on the GPU, images/s and per-stage seconds.
+6. **CRF on the GPU** (``crf.backend: torch``, ``crf.device: cuda``; runs right after step 1): the torch backend
+   on 500x375 21-label scenes at LargeFOV's parameters, unpruned and with the stage's pruning: ms per image on the
+   GPU, pixels equal to pydensecrf on the CPU (bar 99.9 %), peak CUDA memory; then 21 labels unpruned at
+   500x375 .. 4000x3000 (ms, peak memory, the first size out of memory); after step 4, **DCNN + CRF** in one
+   ``DeepLabPredictor`` on the GPU: images/s against the DCNN alone, with 0 CRF CPU cores.
 
-    python bench/gpu_check.py [--images 4] [--batch-sizes 1,2,4,8,16] [--job-images 64]
+    python bench/gpu_check.py [--images 4] [--batch-sizes 1,2,4,8,16] [--job-images 64] [--crf-images 4]
+    python bench/gpu_check.py --crf-only     # step 6 alone: ~1-2 minutes
 
 ``--device cpu`` runs the same steps with the CPU standing in for the GPU (a smoke test of this script on a
 machine without CUDA, with ``--width`` and ``--size`` to keep it short); its figures are not GPU figures.
@@ -376,6 +382,145 @@ def check_end_to_end(
     return failures
 
 
+CRF_BAR = 0.999  # pixels of the torch CRF backend equal to pydensecrf's labels (docs/crf-backends.md)
+
+
+def crf_samples(count: int, *, seed: int = 300, size: tuple[int, int] = SCENE_HW) -> list[tuple]:
+    """(image, probs) pairs: 21-label scenes with DeepLab-like scores, tiled up to ``size`` (H, W)."""
+    import numpy as np
+
+    from pipeline.scenes import make_scene, simulate_scores
+
+    out = []
+    reps = (-(-size[0] // SCENE_HW[0]), -(-size[1] // SCENE_HW[1]))
+    for i in range(count):
+        image, label = make_scene(*SCENE_HW, seed=seed + i, num_classes=21)
+        probs = simulate_scores(label, 21, seed=seed + i)
+        image = np.tile(image, (*reps, 1))[: size[0], : size[1]].copy()
+        out.append((image, np.tile(probs, (1, *reps))[:, : size[0], : size[1]].copy()))
+    return out
+
+
+def timed_crf(image, probs_dev, cfg, device: str) -> tuple:
+    """(labels, seconds, peak device GiB above the inputs) of one torch-backend CRF on ``device``."""
+    import torch
+
+    from pipeline.crf_torch import refine_probs
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    labels = refine_probs(image, probs_dev, cfg)  # returns host labels: synchronised
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
+    return labels, seconds, peak
+
+
+def check_crf_backend(device: str, num_images: int) -> list[str]:
+    """The torch CRF backend on ``device`` vs pydensecrf on the CPU: VOC-size scenes, 21 labels, LargeFOV's
+    parameters, unpruned (the direct call's model) and with the stage's pruning."""
+    import dataclasses
+
+    import torch
+
+    from bench.crf_backends import direct_pydensecrf
+    from pipeline.crf import crf_config_for
+
+    base = crf_config_for("deeplab-largefov", backend="torch", device=device)
+    modes = {"unpruned": dataclasses.replace(base, prune_threshold=0.0), "stage (pruned)": base}
+    samples = crf_samples(num_images)
+    refs, cpu_s = [], 0.0
+    for image, probs in samples:
+        t0 = time.thread_time()
+        refs.append(direct_pydensecrf(image, probs, base))
+        cpu_s += time.thread_time() - t0
+    rows, failures = [], []
+    for mode, cfg in modes.items():
+        timed_crf(samples[0][0], torch.from_numpy(samples[0][1]).to(device), cfg, device)  # warm-up
+        same = total = 0
+        worst, seconds, peak = 1.0, 0.0, 0.0
+        for (image, probs), ref in zip(samples, refs, strict=True):
+            labels, sec, gib = timed_crf(image, torch.from_numpy(probs).to(device), cfg, device)
+            agree = float((labels == ref).mean())
+            same, total, worst = same + int((labels == ref).sum()), total + ref.size, min(worst, agree)
+            seconds, peak = seconds + sec, max(peak, gib)
+        ok = same / total >= CRF_BAR
+        rows.append(
+            [mode, f"{1000 * seconds / num_images:.1f}", f"{1000 * cpu_s / num_images:.0f}",
+             f"{100 * same / total:.4f} %", f"{100 * worst:.4f} %", f"{peak:.2f}" if device == "cuda" else "n/a",
+             "ok" if ok else "FAIL"]
+        )  # fmt: skip
+        if not ok:
+            failures.append(f"CRF torch on {device} ({mode}): {100 * same / total:.4f} % equal to pydensecrf")
+    table(
+        f"CRF torch backend on {device} vs pydensecrf on the CPU ({num_images} scenes of "
+        f"{SCENE_HW[1]}x{SCENE_HW[0]}, 21 labels, LargeFOV, 10 iterations)",
+        ["mode", f"{device} ms/image", "pydensecrf CPU ms/image (unpruned)", "pixels equal", "worst image",
+         "peak GiB", "result"],
+        rows,
+    )  # fmt: skip
+    return failures
+
+
+def check_crf_sizes(device: str) -> list[str]:
+    """Memory and time per image size: the torch backend, 21 labels unpruned (the worst case), until one fails."""
+    import torch
+
+    from pipeline.crf import crf_config_for
+
+    cfg = crf_config_for("deeplab-largefov", backend="torch", device=device, prune_threshold=0.0)
+    sizes = [(375, 500), (750, 1000), (1500, 2000), (3000, 4000)] if device == "cuda" else [(375, 500)]
+    rows = []
+    for size in sizes:
+        image, probs = crf_samples(1, size=size)[0]
+        try:
+            _, seconds, peak = timed_crf(image, torch.from_numpy(probs).to(device), cfg, device)
+            gib = f"{peak:.2f}" if device == "cuda" else "n/a"
+            rows.append([f"{size[1]}x{size[0]}", f"{1000 * seconds:.0f}", gib, ""])
+        except torch.OutOfMemoryError as e:
+            rows.append([f"{size[1]}x{size[0]}", "", "", f"out of memory: {str(e)[:80]}"])
+            break
+        finally:
+            del probs
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    table("CRF torch backend per image size (21 labels unpruned, first call)",
+          ["image", "ms", "peak GiB", "note"], rows)  # fmt: skip
+    return []
+
+
+def check_dcnn_crf(model: str, device: str, batch_size: int, min_time_s: float, best: dict) -> list[str]:
+    """DCNN + CRF in one actor on the device (crf.device: cuda): images/s of the whole stage, vs the DCNN alone."""
+    import numpy as np
+
+    from pipeline.crf import crf_config_for
+    from pipeline.dcnn import DCNNConfig, DeepLabPredictor
+    from pipeline.weights import load_checkpoint
+
+    num_classes = int(load_checkpoint(model)[1]["num_classes"])
+    crf_cfg = crf_config_for("deeplab-largefov", backend="torch", device=device)
+    dcnn_cfg = DCNNConfig(model_uri=model, device=device, batch_size=batch_size, min_input_size=None)
+    pred = DeepLabPredictor(dcnn_cfg, crf_cfg=crf_cfg)
+    batch = scene_batch(batch_size, num_classes, seed=100)
+    pred(batch)  # warm-up
+    n_iter, t0, crf_s = 0, time.perf_counter(), 0.0
+    while n_iter < 2 or time.perf_counter() - t0 < min_time_s:
+        out = pred(batch)
+        crf_s += float(np.sum(out["crf_s"]))
+        n_iter += 1
+    rate = batch_size * n_iter / (time.perf_counter() - t0)
+    bad = int(sum(s != "ok" for s in out["status"]))
+    table(
+        f"DCNN + CRF on one {device} (fp32, batch {batch_size}, {SCENE_HW[1]}x{SCENE_HW[0]} padded to 513)",
+        ["DCNN images/s (alone)", "DCNN + CRF images/s", "CRF ms/image in the actor", "CRF CPU cores", "rows not ok"],
+        [[f"{best.get('fp32', float('nan')):.1f}", f"{rate:.1f}", f"{1000 * crf_s / (batch_size * n_iter):.1f}",
+          0, bad]],
+    )  # fmt: skip
+    return [f"DCNN + CRF: {bad} rows not ok"] if bad else []
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: smoke-test this script")
@@ -386,6 +531,12 @@ def main(argv: list[str] | None = None) -> int:
         "--width", type=float, default=1.0, help="channel width of the LargeFOV model (1 = the paper's)"
     )
     p.add_argument("--min-time-s", type=float, default=2.0, help="timed seconds per throughput row")
+    p.add_argument("--crf-images", type=int, default=4, help="scenes of the CRF backend check")
+    p.add_argument(
+        "--crf-only",
+        action="store_true",
+        help="only the CRF checks (torch backend, DCNN + CRF): ~1-2 minutes",
+    )
     args = p.parse_args(argv)
 
     if args.device == "cuda":
@@ -402,6 +553,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         work = Path(tmp)
         full = bench_checkpoint(work, args.width)
+        failures += check_crf_backend(args.device, args.crf_images)
+        failures += check_crf_sizes(args.device)
+        if args.crf_only:
+            failures += check_dcnn_crf(full, args.device, 8, args.min_time_s, {})
+            return finish(t0, failures)
         name = "LargeFOV full width" if args.width == 1 else f"LargeFOV width {args.width:g}"
         failures += check_agreement(
             {"demo checkpoint": str(DEMO_CHECKPOINT), name: full}, args.device, args.images
@@ -412,9 +568,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             failures += check_out_of_memory(full)
         failures += check_crf_feed(full, best)
+        failures += check_dcnn_crf(full, args.device, 8, args.min_time_s, best)
         if args.job_images:
             size = (SCENE_HW[1], SCENE_HW[0]) if args.width == 1 else (160, 120)
             failures += check_end_to_end(full, args.device, args.job_images, work, size)
+    return finish(t0, failures)
+
+
+def finish(t0: float, failures: list[str]) -> int:
     import ray
 
     if ray.is_initialized():

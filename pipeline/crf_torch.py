@@ -306,7 +306,9 @@ def refine_probs(image: np.ndarray | Tensor, probs: Tensor, cfg: CRFConfig) -> n
     uint8 (H, W) on the host. Raises ValueError for non-finite probabilities or a size mismatch.
     """
     num_labels, height, width = probs.shape
-    img = torch.as_tensor(image, device=probs.device)
+    # A private copy: Ray's zero-copy batches are read-only, which torch.from_numpy warns about.
+    img = image if isinstance(image, Tensor) else torch.from_numpy(np.array(image, copy=True))
+    img = img.to(probs.device)
     if img.dtype != torch.uint8 or tuple(img.shape) != (height, width, 3):
         raise ValueError(f"image: expected uint8 {(height, width, 3)}, got {img.dtype} {tuple(img.shape)}")
     p = probs.reshape(num_labels, -1).to(torch.float32)  # (C, N)

@@ -518,7 +518,7 @@ class DeepLabPredictor:
         if not finite and self.cfg.autocast == "none":
             raise RuntimeError(f"DCNN warm-up forward on {self.device} gave non-finite float32 logits")
         if self.crf_cfg is not None:
-            probs = torch.full((2, 8, 8), 0.5, device=self.device)
+            probs = torch.full((2, 8, 8), 0.5, device=self._crf_device())
             self._refine(np.zeros((8, 8, 3), dtype=np.uint8), probs)  # a broken CRF fails the actor here too
 
     def _run(
@@ -609,6 +609,10 @@ class DeepLabPredictor:
         logits = out.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().cpu().numpy()
         return mask, logits
 
+    def _crf_device(self) -> torch.device:
+        assert self.crf_cfg is not None
+        return self.device if self.crf_cfg.device == "cuda" else torch.device("cpu")
+
     def _refine(self, image: np.ndarray, probs: Tensor) -> np.ndarray:
         from pipeline.crf import refine
         from pipeline.crf_torch import refine_probs
@@ -629,8 +633,7 @@ class DeepLabPredictor:
         try:
             logits = out.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().float()
             probs = torch.softmax(upsample_logits(logits, h, w, offset=self.model.upsample_offset), dim=0)
-            dev = self.device if self.crf_cfg.device == "cuda" else torch.device("cpu")
-            mask = self._refine(image, probs.to(dev))
+            mask = self._refine(image, probs.to(self._crf_device()))
         except Exception as e:  # classified here, handled below without a reference to ``e``
             kind = "fault" if _is_device_fault(e) else "oom" if _is_oom(e) else "error"
             message = f"{type(e).__name__}: {e}"

@@ -115,6 +115,8 @@ def test_variant_aliases_overrides_and_unknowns():
         ("prune_threshold", -0.1),
         ("prune_threshold", 1.0),
         ("prune_threshold", float("nan")),
+        ("prune_confident_prob", 1.5),
+        ("prune_argmax_frac", 0.1),
         ("pad_labels_to_multiple", 0),
         ("pad_labels_to_multiple", 4.0),
         ("adaptive", "false"),
@@ -213,12 +215,14 @@ def test_adaptive_run_to_the_cap_equals_the_library_inference_bit_for_bit():
 
 
 def test_adaptive_stops_early_on_an_easy_image():
-    """Two flat regions, confident scores: the labels settle within a few iterations and equal the fixed schedule."""
+    """Flat regions, confident scores: the labels settle within a few iterations and equal the fixed schedule."""
     image = np.zeros((60, 80, 3), np.uint8)
     image[:, 40:] = (200, 40, 40)
+    image[20:35, 10:25] = (40, 200, 40)
     probs = np.full((3, 60, 80), 0.05, np.float32)
     probs[0, :, :40], probs[1, :, 40:] = 0.9, 0.9
-    probs[2, 20:30, 10:20] = 0.3  # a weak third label: kept by pruning (>= 0.2), never the argmax
+    probs[:, 20:35, 10:25] = 0.05
+    probs[2, 20:35, 10:25] = 0.9
     probs /= probs.sum(axis=0)
     cfg = crf_config_for("deeplab-largefov")
     adaptive = refine_detailed(image, probs, cfg)
@@ -227,7 +231,27 @@ def test_adaptive_stops_early_on_an_easy_image():
     assert fixed.iterations == 10
     assert adaptive.iterations < 6, adaptive.iterations
     assert np.array_equal(adaptive.labels, fixed.labels)
-    assert (adaptive.labels[:, :40] == 0).all() and (adaptive.labels[:, 40:] == 1).all()
+    expected = np.zeros((60, 80), np.uint8)
+    expected[:, 40:], expected[20:35, 10:25] = 1, 2
+    assert np.array_equal(adaptive.labels, expected)
+
+
+def test_faint_labels_on_slivers_are_pruned_confident_or_large_ones_kept():
+    """prune_confident_prob / prune_argmax_frac: a label above prune_threshold but never confident is dropped only
+    when it is the raw argmax of a sliver; a faint label that is the argmax of a large area stays."""
+    image, _, _ = _scene(60, 80, seed=1)
+    probs = np.full((5, 60, 80), 0.02, np.float32)
+    probs[0, :, :40], probs[1, :, 40:] = 0.9, 0.9
+    probs[2, 10, 5], probs[0, 10, 5] = 0.33, 0.3  # faint (0.48 after normalising), the argmax of 1 pixel
+    probs[3, 30:50, 50:70] = 0.35  # faint (0.49) but the raw argmax of 400 pixels
+    probs[1, 30:50, 50:70] = 0.3
+    probs[4, 0:3, 0:3] = 0.25  # faint (0.21), never the argmax
+    probs /= probs.sum(axis=0)
+    _, refined = refine(image, probs, CRFConfig(), return_probs=True)
+    kept = np.flatnonzero(refined.reshape(5, -1).max(axis=1) > 0)
+    assert kept.tolist() == [0, 1, 3]
+    _, refined = refine(image, probs, CRFConfig(prune_confident_prob=0.0), return_probs=True)
+    assert np.flatnonzero(refined.reshape(5, -1).max(axis=1) > 0).tolist() == [0, 1, 2, 3, 4]
 
 
 def test_adaptive_agrees_with_the_fixed_schedule_on_scenes():

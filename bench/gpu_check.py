@@ -401,18 +401,19 @@ def crf_samples(count: int, *, seed: int = 300, size: tuple[int, int] = SCENE_HW
     return out
 
 
-def timed_crf(image, probs_dev, cfg, device: str) -> tuple:
-    """(labels, seconds, peak device GiB above the inputs) of one torch-backend CRF on ``device``."""
+def timed_crf(images: list, probs_dev: list, cfg, device: str) -> tuple:
+    """(labels per image, seconds, peak device GiB above the inputs) of one torch-backend CRF call on ``device``
+    (several images: one batch, as the DCNN actor refines a sub-batch)."""
     import torch
 
-    from pipeline.crf_torch import refine_probs
+    from pipeline.crf_torch import refine_probs_batch
 
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    labels = refine_probs(image, probs_dev, cfg)  # returns host labels: synchronised
+    labels = refine_probs_batch(images, probs_dev, cfg)  # returns host labels: synchronised
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
     return labels, seconds, peak
@@ -420,7 +421,7 @@ def timed_crf(image, probs_dev, cfg, device: str) -> tuple:
 
 def check_crf_backend(device: str, num_images: int) -> list[str]:
     """The torch CRF backend on ``device`` vs pydensecrf on the CPU: VOC-size scenes, 21 labels, LargeFOV's
-    parameters, unpruned (the direct call's model) and with the stage's pruning."""
+    parameters, unpruned (the direct call's model), with the stage's pruning, and all images in one batch."""
     import dataclasses
 
     import torch
@@ -429,7 +430,12 @@ def check_crf_backend(device: str, num_images: int) -> list[str]:
     from pipeline.crf import crf_config_for
 
     base = crf_config_for("deeplab-largefov", backend="torch", device=device)
-    modes = {"unpruned": dataclasses.replace(base, prune_threshold=0.0), "stage (pruned)": base}
+    unpruned = dataclasses.replace(base, prune_threshold=0.0)
+    modes = [
+        ("unpruned", unpruned, 1),
+        ("stage (pruned)", base, 1),
+        (f"stage, {num_images} in one batch", base, 0),
+    ]
     samples = crf_samples(num_images)
     refs, cpu_s = [], 0.0
     for image, probs in samples:
@@ -437,15 +443,21 @@ def check_crf_backend(device: str, num_images: int) -> list[str]:
         refs.append(direct_pydensecrf(image, probs, base))
         cpu_s += time.thread_time() - t0
     rows, failures = [], []
-    for mode, cfg in modes.items():
-        timed_crf(samples[0][0], torch.from_numpy(samples[0][1]).to(device), cfg, device)  # warm-up
+    for mode, cfg, per_call in modes:
+        per_call = per_call or num_images
+        images = [image for image, _ in samples]
+        probs = [torch.from_numpy(p).to(device) for _, p in samples]
+        timed_crf(images[:per_call], probs[:per_call], cfg, device)  # warm-up
         same = total = 0
         worst, seconds, peak = 1.0, 0.0, 0.0
-        for (image, probs), ref in zip(samples, refs, strict=True):
-            labels, sec, gib = timed_crf(image, torch.from_numpy(probs).to(device), cfg, device)
-            agree = float((labels == ref).mean())
-            same, total, worst = same + int((labels == ref).sum()), total + ref.size, min(worst, agree)
+        for start in range(0, num_images, per_call):
+            labels, sec, gib = timed_crf(
+                images[start : start + per_call], probs[start : start + per_call], cfg, device
+            )
             seconds, peak = seconds + sec, max(peak, gib)
+            for got, ref in zip(labels, refs[start : start + per_call], strict=True):
+                same, total = same + int((got == ref).sum()), total + ref.size
+                worst = min(worst, float((got == ref).mean()))
         ok = same / total >= CRF_BAR
         rows.append(
             [mode, f"{1000 * seconds / num_images:.1f}", f"{1000 * cpu_s / num_images:.0f}",
@@ -476,7 +488,7 @@ def check_crf_sizes(device: str) -> list[str]:
     for size in sizes:
         image, probs = crf_samples(1, size=size)[0]
         try:
-            _, seconds, peak = timed_crf(image, torch.from_numpy(probs).to(device), cfg, device)
+            _, seconds, peak = timed_crf([image], [torch.from_numpy(probs).to(device)], cfg, device)
             gib = f"{peak:.2f}" if device == "cuda" else "n/a"
             rows.append([f"{size[1]}x{size[0]}", f"{1000 * seconds:.0f}", gib, ""])
         except torch.OutOfMemoryError as e:

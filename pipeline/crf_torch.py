@@ -38,6 +38,7 @@ __all__ = [
     "dense_crf",
     "mean_field",
     "refine_probs",
+    "refine_probs_batch",
     "run_dense_crf_torch",
 ]
 
@@ -69,12 +70,13 @@ def check_crf_device(device: str) -> torch.device:
 class PermutohedralLattice:
     """libDenseCRF's permutohedral lattice for N points with d features; ``compute`` = splat, blur, slice.
 
-    features: float32 (N, d) on the device the filter runs on. Splat, blur and slice are each one
+    features: float32 (N, d) on the device the filter runs on; ``groups`` (int64 (N,) in 0..num_groups-1, e.g. the
+    image of each pixel of a batch) keeps groups apart: their vertices never meet. Splat, blur and slice are each one
     ``embedding_bag`` (a weighted sum of gathered rows: one kernel, deterministic forward) over index tables built
     here once: row 0 of the vertex values is a zero "no vertex" row, vertex m is row m + 1.
     """
 
-    def __init__(self, features: Tensor) -> None:
+    def __init__(self, features: Tensor, groups: Tensor | None = None, num_groups: int = 1) -> None:
         if features.ndim != 2 or features.dtype != torch.float32:
             raise ValueError(
                 f"features: expected float32 (N, d), got {features.dtype} {tuple(features.shape)}"
@@ -87,7 +89,7 @@ class PermutohedralLattice:
             )
         dev = features.device
         rem0, rank, bary = _simplex(features)  # (N, d+1) each
-        packed, strides = _packed_keys(rem0, rank)  # (N, d+1) int64
+        packed, strides = _packed_keys(rem0, rank, groups, num_groups)  # (N, d+1) int64
         keys, inverse = torch.unique(packed.reshape(-1), sorted=True, return_inverse=True)  # (M,), (N*(d+1),)
         self.num_vertices = m = int(keys.numel())
         # Slice: point i sums alpha * barycentric * value over its d+1 vertices (alpha = 1/(1+2^-d), libDenseCRF's).
@@ -174,20 +176,22 @@ def _simplex(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return rem0, rank, bary[: d + 1].T.contiguous()
 
 
-def _packed_keys(rem0: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
+def _packed_keys(
+    rem0: Tensor, rank: Tensor, groups: Tensor | None = None, num_groups: int = 1
+) -> tuple[Tensor, Tensor]:
     """int64 (N, d+1) keys of the d+1 simplex vertices of each point, and the strides (d,) of the packing.
 
     Vertex r of a point has coordinates rem0_i + canonical[r][rank_i] (libDenseCRF's canonical simplex: r, or
     r - (d+1) when rank_i > d - r) for the first d coordinates (the last is implied); they are packed mixed-radix
     with a margin, so a blur neighbour (every coordinate -1 or +1, one +-d) is the key plus a constant and never
-    aliases another vertex.
+    aliases another vertex. The group is the top digit: neighbours never cross into another group.
     """
     d = rank.shape[0] - 1
     lo, hi = rem0[:d].amin(dim=1), rem0[:d].amax(dim=1)  # (d,)
     low = lo - 3 * (d + 1)  # canonical offsets reach -d, neighbours one d + 1 further
     radix = (hi - lo + 6 * (d + 1)).tolist()
     space = math.prod(radix)
-    if space >= _MAX_KEY_SPACE:
+    if space * num_groups >= _MAX_KEY_SPACE:
         raise ValueError(
             f"crf features: expected a lattice key space below 2^62, got {space:.3g} (sigmas far too small for "
             "the image size)"
@@ -202,6 +206,8 @@ def _packed_keys(rem0: Tensor, rank: Tensor) -> tuple[Tensor, Tensor]:
     for r in range(d + 1):
         wrapped = ((rank[:d] > d - r) * stride[:, None]).sum(dim=0)  # coordinates that take r - (d+1)
         keys[:, r] = base + r * total - (d + 1) * wrapped
+    if groups is not None:
+        keys += groups[:, None] * space
     return keys, stride
 
 
@@ -231,11 +237,11 @@ def crf_features(image: Tensor, cfg: CRFConfig) -> tuple[Tensor, Tensor]:
 class DenseKernel:
     """One pairwise term: a lattice and libDenseCRF's DenseKernel normalisation around it."""
 
-    def __init__(self, features: Tensor, weight: float, normalization: str) -> None:
-        self.lattice = PermutohedralLattice(features)
+    def __init__(self, lattice: PermutohedralLattice, weight: float, normalization: str) -> None:
+        self.lattice = lattice
         self.weight = float(np.float32(weight))
         self.normalization = normalization
-        ones = torch.ones((features.shape[0], 1), dtype=torch.float32, device=features.device)
+        ones = torch.ones((lattice.num_points, 1), dtype=torch.float32, device=lattice.slice_weight.device)
         raw = self.lattice.compute(ones)[:, 0].to(torch.float64)  # (N,)
         # libDenseCRF computes the norm in double from the float filter output and stores it as float.
         if normalization == "symmetric":
@@ -280,20 +286,28 @@ def run_dense_crf_torch(
     with torch.inference_mode():
         img = torch.from_numpy(np.ascontiguousarray(image)).to(dev)
         u = torch.from_numpy(np.ascontiguousarray(unary[live].T)).to(dev)  # (N, C)
-        q_live = dense_crf(img, u, cfg)
+        q_live = dense_crf([img], u, cfg)
         q[live] = q_live.T.cpu().numpy()
     return q
 
 
-def dense_crf(image: Tensor, unary: Tensor, cfg: CRFConfig) -> Tensor:
-    """Dense CRF on tensors of one device: image uint8 (H, W, 3), unary float32 (H*W, C) -> marginals (H*W, C).
+def dense_crf(images: Sequence[Tensor], unary: Tensor, cfg: CRFConfig) -> Tensor:
+    """Dense CRF of a batch on one device: images uint8 (H_i, W_i, 3), unary float32 (sum H_i*W_i, C) with the
+    images' pixels one after the other -> marginals (sum H_i*W_i, C).
 
-    Both lattices are built here once and reused by every iteration.
+    One lattice per kernel for the whole batch (the image index is part of each vertex key, so images never
+    interact: each image gets exactly its own CRF), built once and reused by every iteration.
     """
-    gaussian, bilateral = crf_features(image, cfg)
-    kernels = [
-        DenseKernel(gaussian, cfg.pos_w, cfg.normalization),  # pydensecrf order: Gaussian, then bilateral
-        DenseKernel(bilateral, cfg.bi_w, cfg.normalization),
+    feats = [crf_features(image, cfg) for image in images]
+    groups, num_groups = None, len(images)
+    if num_groups > 1:
+        sizes = torch.tensor([f[0].shape[0] for f in feats], device=unary.device)
+        groups = torch.repeat_interleave(torch.arange(num_groups, device=unary.device), sizes)
+    gaussian = torch.cat([f[0] for f in feats])
+    bilateral = torch.cat([f[1] for f in feats])
+    kernels = [  # pydensecrf order: Gaussian, then bilateral
+        DenseKernel(PermutohedralLattice(gaussian, groups, num_groups), cfg.pos_w, cfg.normalization),
+        DenseKernel(PermutohedralLattice(bilateral, groups, num_groups), cfg.bi_w, cfg.normalization),
     ]
     return mean_field(unary, kernels, int(cfg.iterations))
 
@@ -301,29 +315,62 @@ def dense_crf(image: Tensor, unary: Tensor, cfg: CRFConfig) -> Tensor:
 def refine_probs(image: np.ndarray | Tensor, probs: Tensor, cfg: CRFConfig) -> np.ndarray:
     """crf.refine with the torch backend, on the device ``probs`` is on (the DCNN actor's GPU): no copy to the host.
 
-    image: uint8 (H, W, 3) RGB; probs: float (C, H, W) softmax. Same label pruning as crf.refine (labels below
-    ``cfg.prune_threshold`` everywhere are dropped; no padding, which only helps pydensecrf's SSE). Returns labels
-    uint8 (H, W) on the host. Raises ValueError for non-finite probabilities or a size mismatch.
+    image: uint8 (H, W, 3) RGB; probs: float (C, H, W) softmax. Returns labels uint8 (H, W) on the host.
     """
-    num_labels, height, width = probs.shape
-    # A private copy: Ray's zero-copy batches are read-only, which torch.from_numpy warns about.
-    img = image if isinstance(image, Tensor) else torch.from_numpy(np.array(image, copy=True))
-    img = img.to(probs.device)
-    if img.dtype != torch.uint8 or tuple(img.shape) != (height, width, 3):
-        raise ValueError(f"image: expected uint8 {(height, width, 3)}, got {img.dtype} {tuple(img.shape)}")
-    p = probs.reshape(num_labels, -1).to(torch.float32)  # (C, N)
-    if not bool(torch.isfinite(p).all()):
-        raise ValueError("probs: expected finite values, got NaN/inf (non-finite DCNN logits)")
-    peak = p.amax(dim=1)  # (C,)
-    keep = torch.arange(num_labels, device=p.device)
-    if cfg.prune_threshold > 0:
-        keep = torch.nonzero(peak >= cfg.prune_threshold).flatten()
-        if keep.numel() == 0:  # not for a softmax (some label reaches 1/C); keep the best one anyway
-            keep = peak.argmax().reshape(1)
-    if keep.numel() == 1:
-        labels = keep.expand(height * width)
+    return refine_probs_batch([image], [probs], cfg)[0]
+
+
+def refine_probs_batch(
+    images: Sequence[np.ndarray | Tensor], probs: Sequence[Tensor], cfg: CRFConfig
+) -> list[np.ndarray]:
+    """refine_probs for several images in one mean field (fewer, larger kernels on a GPU); same labels per image.
+
+    Pruning as crf.refine, per image: labels below ``cfg.prune_threshold`` everywhere in an image are dropped from
+    its CRF (no padding, which only helps pydensecrf's SSE). The batch runs the union of the kept labels; a label
+    an image dropped gets an inert energy there (zero mass from the start, as if absent). Raises ValueError for
+    non-finite probabilities or a size mismatch (the whole batch: the caller retries rows one by one).
+    """
+    num_labels = probs[0].shape[0]
+    dev = probs[0].device
+    imgs, flat, kept = [], [], []
+    for image, prob in zip(images, probs, strict=True):
+        c, height, width = prob.shape
+        # A private copy: Ray's zero-copy batches are read-only, which torch.from_numpy warns about.
+        img = image if isinstance(image, Tensor) else torch.from_numpy(np.array(image, copy=True))
+        img = img.to(dev)
+        if c != num_labels or img.dtype != torch.uint8 or tuple(img.shape) != (height, width, 3):
+            raise ValueError(
+                f"image/probs: expected uint8 {(height, width, 3)} and {num_labels} labels, "
+                f"got {img.dtype} {tuple(img.shape)} and {c}"
+            )
+        p = prob.reshape(num_labels, -1).to(torch.float32)  # (C, N_i)
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError("probs: expected finite values, got NaN/inf (non-finite DCNN logits)")
+        imgs.append(img)
+        flat.append(p)
+        kept.append(_kept(p, cfg.prune_threshold))  # (C,) bool
+    union = torch.nonzero(torch.stack(kept).any(dim=0)).flatten()  # (K,)
+    if union.numel() == 1:  # every image kept just this label: mean field can only return it
+        labels = [union.expand(p.shape[1]) for p in flat]
     else:
         # -log(clip(p, 1e-5, 1)): pydensecrf.utils.unary_from_softmax, as crf.unary_from_probs.
-        unary = -torch.log(p[keep].clamp(1e-5, 1.0)).T.contiguous()  # (N, K)
-        labels = keep[dense_crf(img, unary, cfg).argmax(dim=1)]
-    return labels.to(torch.uint8).reshape(height, width).cpu().numpy()
+        unary = [-torch.log(p[union].clamp(1e-5, 1.0)).T for p in flat]  # (N_i, K) each
+        for u, keep in zip(unary, kept, strict=True):
+            u[:, ~keep[union]] = _INERT_ENERGY
+        q = dense_crf(imgs, torch.cat(unary).contiguous(), cfg)  # (sum N_i, K)
+        labels = list(union[q.argmax(dim=1)].split([p.shape[1] for p in flat]))
+    return [
+        lab.to(torch.uint8).reshape(prob.shape[1:]).cpu().numpy()
+        for lab, prob in zip(labels, probs, strict=True)
+    ]
+
+
+def _kept(p: Tensor, threshold: float) -> Tensor:
+    """crf._kept_labels on a device: labels whose probability reaches ``threshold`` somewhere, as a (C,) mask."""
+    peak = p.amax(dim=1)  # (C,)
+    if threshold <= 0:
+        return torch.ones_like(peak, dtype=torch.bool)
+    keep = peak >= threshold
+    if not bool(keep.any()):  # not for a softmax (some label reaches 1/C); keep the best one anyway
+        keep[peak.argmax()] = True
+    return keep

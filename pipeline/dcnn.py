@@ -519,7 +519,9 @@ class DeepLabPredictor:
             raise RuntimeError(f"DCNN warm-up forward on {self.device} gave non-finite float32 logits")
         if self.crf_cfg is not None:
             probs = torch.full((2, 8, 8), 0.5, device=self._crf_device())
-            self._refine(np.zeros((8, 8, 3), dtype=np.uint8), probs)  # a broken CRF fails the actor here too
+            self._refine(
+                [np.zeros((8, 8, 3), dtype=np.uint8)], [probs]
+            )  # a broken CRF fails the actor here too
 
     def _run(
         self, images: list[np.ndarray], size: tuple[int, int], *, autocast: str | None = None
@@ -613,36 +615,49 @@ class DeepLabPredictor:
         assert self.crf_cfg is not None
         return self.device if self.crf_cfg.device == "cuda" else torch.device("cpu")
 
-    def _refine(self, image: np.ndarray, probs: Tensor) -> np.ndarray:
+    def _refine(self, images: list[np.ndarray], probs: list[Tensor]) -> list[np.ndarray]:
         from pipeline.crf import refine
-        from pipeline.crf_torch import refine_probs
+        from pipeline.crf_torch import refine_probs_batch
 
         assert self.crf_cfg is not None
-        if self.crf_cfg.backend == "torch":
-            return refine_probs(image, probs, self.crf_cfg)
-        return refine(image, probs.cpu().numpy(), self.crf_cfg)
+        if (
+            self.crf_cfg.backend == "torch"
+        ):  # one mean field for the sub-batch: fewer, larger kernels on a GPU
+            return refine_probs_batch(images, probs, self.crf_cfg)
+        return [refine(image, p.cpu().numpy(), self.crf_cfg) for image, p in zip(images, probs, strict=True)]
 
-    def _crf_row(self, image: np.ndarray, out: Tensor) -> tuple[np.ndarray | None, str | None, bool, float]:
-        """Refine one row on the DCNN's device -> (mask or None, error, retryable, seconds).
+    def _crf_rows(
+        self, images: list[np.ndarray], outs: list[Tensor]
+    ) -> list[tuple[np.ndarray | None, str | None, bool, float]]:
+        """Refine a sub-batch on the CRF's device -> per row (mask or None, error, retryable, seconds).
 
-        Starts from the float16 logits the CRF stage would get, so both paths refine the same probabilities.
+        Starts from the float16 logits the CRF stage would get, so both paths refine the same probabilities. When
+        the sub-batch fails as a whole it is redone row by row (after the ``except`` block has let go of its
+        tensors), so only the row that fails becomes an error.
         """
         start = time.perf_counter()
-        h, w = image.shape[:2]
-        kind, message, mask = None, None, None
+        kind, message, masks = None, None, []
         try:
-            logits = out.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().float()
-            probs = torch.softmax(upsample_logits(logits, h, w, offset=self.model.upsample_offset), dim=0)
-            mask = self._refine(image, probs.to(self._crf_device()))
+            probs = []
+            for image, out in zip(images, outs, strict=True):
+                logits = out.clamp(-_FLOAT16_MAX, _FLOAT16_MAX).half().float()
+                up = upsample_logits(logits, *image.shape[:2], offset=self.model.upsample_offset)
+                probs.append(torch.softmax(up, dim=0).to(self._crf_device()))
+            masks = self._refine(images, probs)
         except Exception as e:  # classified here, handled below without a reference to ``e``
             kind = "fault" if _is_device_fault(e) else "oom" if _is_oom(e) else "error"
             message = f"{type(e).__name__}: {e}"
         if kind == "fault":
             raise DeviceFault(message)
+        if kind is None:
+            per_row = (time.perf_counter() - start) / len(images)
+            return [(mask, None, False, per_row) for mask in masks]
         if kind == "oom":
             _free_memory(self.device)
+        if len(images) > 1:
+            return [self._crf_rows([image], [out])[0] for image, out in zip(images, outs, strict=True)]
         retryable = kind == "oom" or (message is not None and "MemoryError" in message)
-        return mask, message, retryable, time.perf_counter() - start
+        return [(None, message, retryable, time.perf_counter() - start)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
@@ -737,6 +752,7 @@ class DeepLabPredictor:
                         for i in chunk:
                             fail(i, message)
                         continue
+                    ready: list[tuple[int, Tensor]] = []  # rows for the CRF (when it runs here)
                     for i, out in zip(chunk, outs, strict=True):
                         t0 = time.perf_counter()
                         h, w = images[i].shape[:2]
@@ -761,13 +777,17 @@ class DeepLabPredictor:
                             fail(i, message)
                             continue
                         seconds[i] = forward_s + time.perf_counter() - t0  # .cpu() above synchronised
-                        if self.crf_cfg is not None:
-                            mask, message, again, crf_seconds[i] = self._crf_row(images[i], out)
-                            if mask is None:
-                                log.warning("CRF failed for %s: %s", batch[schema.ID][i], message)
-                                status[i], error[i], retryable[i] = schema.ErrorKind.CRF, message, again
-                            else:
-                                crf_mask_col[i] = mask
+                        ready.append((i, out))
+                    if self.crf_cfg is None or not ready:
+                        continue
+                    results = self._crf_rows([images[i] for i, _ in ready], [out for _, out in ready])
+                    for (i, _), (mask, message, again, crf_s) in zip(ready, results, strict=True):
+                        crf_seconds[i] = crf_s
+                        if mask is None:
+                            log.warning("CRF failed for %s: %s", batch[schema.ID][i], message)
+                            status[i], error[i], retryable[i] = schema.ErrorKind.CRF, message, again
+                        else:
+                            crf_mask_col[i] = mask
 
         out_batch = dict(batch)
         out_batch[schema.STATUS] = status

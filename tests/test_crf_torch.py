@@ -20,6 +20,7 @@ from pipeline.crf_torch import (
     check_crf_device,
     crf_features,
     refine_probs,
+    refine_probs_batch,
     run_dense_crf_torch,
 )
 from pipeline.scenes import make_scene, simulate_scores
@@ -265,6 +266,25 @@ def test_refine_probs_on_tensors_equals_refine():
         refine_probs(image, torch.full((21, 72, 96), float("nan")), cfg)
 
 
+def test_a_batch_gives_each_image_its_own_crf():
+    """Images refined together (one lattice, the image in each vertex key) get the labels they get alone: exactly
+    without pruning; with pruning each image's dropped labels are inert in the batch's label union."""
+    shapes = [(40, 56), (48, 40), (40, 56)]
+    images, probs = [], []
+    for i, (h, w) in enumerate(shapes):
+        image, label = make_scene(h, w, seed=60 + i, num_classes=21)
+        images.append(image)
+        probs.append(torch.from_numpy(simulate_scores(label, 21, seed=60 + i)))
+    images[2] = images[0].copy()  # the same pixels as image 0: still its own CRF, not merged with it
+    for threshold, bar in ((0.0, 1.0), (0.2, 0.9999)):
+        cfg = crf_config_for("deeplab-largefov", backend="torch", prune_threshold=threshold)
+        together = refine_probs_batch(images, probs, cfg)
+        for image, prob, got in zip(images, probs, together, strict=True):
+            alone = refine_probs(image, prob, cfg)
+            assert got.shape == image.shape[:2] and (got == alone).mean() >= bar, threshold
+    assert np.array_equal(together[0], refine_probs(images[0], probs[0], cfg))
+
+
 # --- the CRF in the DCNN actor -------------------------------------------------------------------------------------
 
 
@@ -307,6 +327,36 @@ def test_predictor_with_a_crf_config_emits_the_crf_stages_columns(tiny_checkpoin
     assert fused[S.MASK][1].size == 0 and fused["crf_s"][1] == 0
     assert list(fused["crf_node"]) == ["local"] * 3
     assert np.array_equal(fused[S.RAW_MASK][0], plain[S.RAW_MASK][0])
+
+
+def test_predictor_crf_failure_fails_only_its_row(tiny_checkpoint, monkeypatch):
+    """A sub-batch whose joint CRF fails is redone row by row: only the failing row becomes crf_error."""
+    from pipeline import crf_torch
+    from pipeline.dcnn import DCNNConfig, DeepLabPredictor
+
+    real = crf_torch.refine_probs_batch
+
+    def fussy(images, probs, cfg):  # rejects a flat grey image, as a real failure would be rejected
+        if any((np.asarray(im) == 7).all() for im in images):
+            raise ValueError("grey image")
+        return real(images, probs, cfg)
+
+    monkeypatch.setattr(crf_torch, "refine_probs_batch", fussy)
+    crf_cfg = crf_config_for("deeplab-largefov", backend="torch")
+    pred = DeepLabPredictor(
+        DCNNConfig(model_uri=tiny_checkpoint, device="cpu", batch_size=4), crf_cfg=crf_cfg
+    )
+    images = np.empty(3, dtype=object)
+    for i in range(3):
+        images[i] = make_scene(40, 56, seed=40 + i, num_classes=4)[0]
+    images[1] = np.full((40, 56, 3), 7, np.uint8)
+    out = pred(
+        {S.ID: np.array(["a", "b", "c"], dtype=object), S.STATUS: np.array(["ok"] * 3, dtype=object),
+         S.IMAGE: images}
+    )  # fmt: skip
+    assert list(out[S.STATUS]) == ["ok", S.ErrorKind.CRF, "ok"]
+    assert "grey image" in out[S.ERROR][1] and not out[S.RETRYABLE][1]
+    assert out[S.MASK][0].shape == (40, 56) and out[S.MASK][1].size == 0 and out[S.MASK][2].shape == (40, 56)
 
 
 def test_predictor_refuses_a_cuda_crf_on_a_cpu_dcnn(tiny_checkpoint, monkeypatch):

@@ -24,6 +24,7 @@ from pipeline.storage import StorageConfig, check_source_allowed, s3_client
 from pipeline.submit import SubmitError, check_transport, submit_main
 
 ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "pipeline" / "assets" / "demo-largefov.pt"
 LOCAL = StorageConfig()
 PASSWD_LINE = b"root:x:0:0:root:/root:/bin/bash\n"
 
@@ -197,10 +198,10 @@ def test_submit_refuses_plain_http_to_another_machine(tmp_path, capsys):
 # --- one line for a user's error ---------------------------------------------------------------------------------
 
 
-def _deeplab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+def _deeplab(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}, **(env or {})}
     env.pop("DEEPLAB_LOG_DIR", None)
-    env.update(PYTHONPATH=str(ROOT), TMPDIR=str(cwd))  # the default log folder, <tmp>/deeplab-<uid>/logs
+    env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
         env=env,
@@ -214,12 +215,15 @@ def _deeplab(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.integration
 def test_evaluate_on_an_output_without_masks_is_one_line(tmp_path):
     (tmp_path / "out").mkdir()
-    proc = _deeplab("evaluate", "--masks", str(tmp_path / "out"), "--no-ray", cwd=tmp_path)
+    tmp = {"TMPDIR": str(tmp_path)}  # the default log folder, <tmp>/deeplab-<uid>/logs, made here
+    proc = _deeplab("evaluate", "--masks", str(tmp_path / "out"), "--no-ray", cwd=tmp_path, env=tmp)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[0].startswith("deeplab evaluate: error: ") and "no Parquet files under" in lines[0]
     assert (os.stat(tmp_path / f"deeplab-{os.getuid()}").st_mode & 0o777) == 0o700
-    verbose = _deeplab("--verbose", "evaluate", "--masks", str(tmp_path / "out"), "--no-ray", cwd=tmp_path)
+    verbose = _deeplab(
+        "--verbose", "evaluate", "--masks", str(tmp_path / "out"), "--no-ray", cwd=tmp_path, env=tmp
+    )
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
 
@@ -234,3 +238,40 @@ def test_a_config_that_is_not_there_or_not_yaml_is_one_line(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert "root:x" not in proc.stderr
         assert "not valid YAML" in lines[0] or "cannot read config file s3://" in lines[0], lines[0]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("broken", ["head", "list"])
+def test_storage_errors_during_the_format_check_are_one_line(local_s3, storage_cfg, bucket, tmp_path, broken):
+    """The input's format check (a HEAD through pyarrow, a listing through boto3) meets a store that answers 500
+    to it and nothing else: one line naming the cause, no traceback."""
+    from faultproxy import FaultProxy
+
+    from pipeline.scenes import write_voc_dataset
+
+    write_voc_dataset(f"{bucket}/scenes", count=1, size=(32, 24), num_classes=6, storage_cfg=storage_cfg)
+    (tmp_path / "job.yaml").write_text("storage: {max_attempts: 1}\n")
+    name = bucket.removeprefix("s3://")
+    faults = (
+        {"persistent": {"_manifest.json": "internal"}}  # pyarrow's HEAD of OUTPUT/_manifest.json
+        if broken == "head"
+        else {"every": 1, "kinds": ("internal",), "eligible": lambda m, p: m == "GET" and p == f"/{name}"}
+    )  # boto3's listing of the bucket (the HEAD of the bucket, the access check, passes)
+    with FaultProxy(local_s3.endpoint_url, **faults) as proxy:
+        args = ["segment", "--config", str(tmp_path / "job.yaml"), "--endpoint-url", proxy.endpoint_url]
+        args += [
+            "--input",
+            f"{bucket}/scenes",
+            "--output",
+            f"{bucket}/out",
+            "--model",
+            str(MODEL),
+            "--dry-run",
+        ]
+        env = {"AWS_ACCESS_KEY_ID": "local-demo", "AWS_SECRET_ACCESS_KEY": "local-demo-secret"}
+        proc = _deeplab(*args, cwd=tmp_path, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode in (1, 2) and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("deeplab segment: error: ") and ("500" in lines[0] or "nternal" in lines[0]), (
+        lines[0]
+    )

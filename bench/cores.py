@@ -4,7 +4,7 @@ The pipeline's ideal (``bench/pipeline.py``) is cores / (sum of the stages' core
 which assumes that N busy vCPUs do N times the work of one. On a cloud VM the vCPUs share the host's cores, caches
 and memory bandwidth (on many instance types two vCPUs are one physical core's hyperthreads; the guest cannot tell,
 ``lscpu`` here says 1 thread per core), so each may do less when the others are busy too. This measures it with the
-job's dominant work, ``pipeline.crf.refine`` on generated 500x375 scenes: rounds alternate one process alone and
+job's dominant work, ``pipeline.stages.crf.refine`` on generated 500x375 scenes: rounds alternate one process alone and
 one process per vCPU at once (ABBA order, so the VM's drift cancels), each process timing its CRFs with its thread's
 CPU clock.
 
@@ -32,8 +32,8 @@ NUM_CLASSES = 21
 
 def crf_worker(seconds: float, results: mp.Queue) -> None:
     """CRFs on a few generated scenes for ``seconds`` of wall time; put (images, CPU seconds) on ``results``."""
-    from pipeline.crf import crf_config_for, refine
-    from pipeline.scenes import make_scene, simulate_scores
+    from pipeline.demo.scenes import make_scene, simulate_scores
+    from pipeline.stages.crf import crf_config_for, refine
 
     cfg = crf_config_for("deeplab-largefov")
     data = []

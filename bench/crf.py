@@ -1,4 +1,4 @@
-"""Benchmark of the CRF stage: direct pydensecrf (paper settings, all labels, 10 iterations) vs pipeline.crf.refine.
+"""Benchmark of the CRF stage: direct pydensecrf (paper settings, all labels, 10 iterations) vs pipeline.stages.crf.refine.
 
 Three CRFs per image, on the same inputs, in one process, order alternated per image:
 
@@ -8,7 +8,7 @@ Three CRFs per image, on the same inputs, in one process, order alternated per i
 
 Data sets (500x375, the VOC size):
 
-* ``scenes-6`` / ``scenes-21``: generated scenes (``pipeline.scenes.make_scene``) with DeepLab-like coarse scores
+* ``scenes-6`` / ``scenes-21``: generated scenes (``pipeline.demo.scenes.make_scene``) with DeepLab-like coarse scores
   (``simulate_scores``) at 6 and 21 classes, mIoU against the scene labels;
 * ``scenes-model``: the shipped demo model's (``pipeline/assets/demo-largefov.pt``, 6 classes) real softmax on
   6-class scenes, mIoU against the scene labels;
@@ -37,8 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.crf import CRFConfig, crf_config_for, refine_detailed  # noqa: E402
-from pipeline.scenes import make_scene, simulate_scores  # noqa: E402
+from pipeline.demo.scenes import make_scene, simulate_scores  # noqa: E402
+from pipeline.stages.crf import CRFConfig, crf_config_for, refine_detailed  # noqa: E402
 
 HEIGHT, WIDTH = 375, 500
 MODEL = Path(__file__).resolve().parents[1] / "pipeline" / "assets" / "demo-largefov.pt"
@@ -83,8 +83,8 @@ def model_probs(images: list[np.ndarray]) -> list[np.ndarray]:
     """The shipped demo model's softmax (C, H, W) per image, as the job computes it (stride 8, x8 upsampling)."""
     import torch
 
-    from pipeline.dcnn import predict_probs
-    from pipeline.weights import load_checkpoint
+    from pipeline.model.weights import load_checkpoint
+    from pipeline.stages.dcnn import predict_probs
 
     torch.set_num_threads(1)
     model, _ = load_checkpoint(str(MODEL))

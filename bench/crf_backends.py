@@ -1,4 +1,4 @@
-"""Benchmark of the CRF backends side by side on this CPU: pydensecrf (C++) vs the torch backend (pipeline.crf_torch).
+"""Benchmark of the CRF backends side by side on this CPU: pydensecrf (C++) vs the torch backend (pipeline.stages.crf_torch).
 
 Same inputs, same parameters (the variant's paper values, normalisation "after"), four runs per image:
 
@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.crf import CRFConfig, crf_config_for, refine  # noqa: E402
-from pipeline.scenes import make_scene, simulate_scores  # noqa: E402
+from pipeline.demo.scenes import make_scene, simulate_scores  # noqa: E402
+from pipeline.stages.crf import CRFConfig, crf_config_for, refine  # noqa: E402
 
 HEIGHT, WIDTH = 375, 500  # PASCAL VOC's typical size
 RUNS = ("direct", "torch-full", "stage", "torch-stage")
@@ -181,7 +181,7 @@ import json, resource, sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
 import numpy as np, torch
 torch.set_num_threads(1)
-from pipeline.crf import crf_config_for, refine
+from pipeline.stages.crf import crf_config_for, refine
 image, probs = np.load({str(workdir / "image.npy")!r}), np.load({str(workdir / "probs.npy")!r})
 cfg = crf_config_for({variant!r}, backend="torch", prune_threshold=0.0, pad_labels_to_multiple=1, iterations=2)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

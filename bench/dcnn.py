@@ -1,6 +1,6 @@
 """Benchmark of the DCNN stage on CPU: float32 vs bf16 autocast, contiguous vs channels_last, 1 vs 2 threads.
 
-Runs ``pipeline.dcnn.DeepLabPredictor`` (the stage itself: preprocessing, forward at 513x513, x8 upsampling, argmax,
+Runs ``pipeline.stages.dcnn.DeepLabPredictor`` (the stage itself: preprocessing, forward at 513x513, x8 upsampling, argmax,
 float16 logits) on generated 500x375 scenes for every setting, side by side in one run. Prints images/s, the
 speed-up over the float32 / contiguous / 1-thread reference, CPU core-seconds per image (all threads; much
 less sensitive to other load on the machine than wall time) with its speed-up, and agreement with the reference: the share of
@@ -35,8 +35,8 @@ import torch  # noqa: E402
 
 from bench.pipeline import NUM_CLASSES, SIZE, bench_checkpoint, model_classes, uptime, wait_for_load  # noqa: E402
 from pipeline import schema as S  # noqa: E402
-from pipeline.dcnn import DCNNConfig, DeepLabPredictor  # noqa: E402
-from pipeline.scenes import make_scene  # noqa: E402
+from pipeline.demo.scenes import make_scene  # noqa: E402
+from pipeline.stages.dcnn import DCNNConfig, DeepLabPredictor  # noqa: E402
 
 # Published dense peak TFLOPS (NVIDIA datasheets; no sparsity): (FP32 CUDA cores, FP16 tensor cores).
 # A10G is AWS's A10 derivative (g5); its FP16 tensor rate is commonly given as ~70 dense, below the A10's 125.
@@ -101,7 +101,7 @@ def conv_flops(model: torch.nn.Module, height: int, width: int) -> int:
 
 
 def gpu_plan(crf_core_s: float, *, size: int = 513) -> None:
-    from pipeline.model import build_model
+    from pipeline.model.deeplab import build_model
 
     model = build_model("deeplab-largefov", num_classes=NUM_CLASSES, width=1.0)
     gflop = conv_flops(model, size, size) / 1e9

@@ -4,7 +4,7 @@ One command, on one GPU, in ~4-7 minutes (bar: 10). Prints a table per check and
 any fails, 2 when torch sees no CUDA device (one line says why; nothing else runs):
 
 1. **Device**: GPU, compute capability, memory, driver, torch / CUDA / cuDNN versions, native bf16.
-2. **Agreement**: the DCNN stage (``pipeline.dcnn.DeepLabPredictor``) on CUDA in float32, fp16 and bf16 autocast
+2. **Agreement**: the DCNN stage (``pipeline.stages.dcnn.DeepLabPredictor``) on CUDA in float32, fp16 and bf16 autocast
    against float32 on the CPU, for the shipped demo checkpoint (``pipeline/assets/demo-largefov.pt``) and a
    full-width DeepLab-LargeFOV (random init, confident classifier, as ``bench/pipeline.py``), on 500x375 scenes.
    Share of ``raw_mask`` pixels with the CPU's label (bars: float32 99.9 %, fp16 99.5 %, bf16 99 %), and the largest
@@ -111,7 +111,7 @@ def scene_batch(count: int, num_classes: int, *, seed: int = 1) -> dict:
     import numpy as np
 
     from pipeline import schema as S
-    from pipeline.scenes import make_scene
+    from pipeline.demo.scenes import make_scene
 
     images = np.empty(count, dtype=object)
     for i in range(count):
@@ -125,7 +125,7 @@ def scene_batch(count: int, num_classes: int, *, seed: int = 1) -> dict:
 
 
 def predictor(model: str, device: str, autocast: str = "none", **kw):
-    from pipeline.dcnn import DCNNConfig, DeepLabPredictor
+    from pipeline.stages.dcnn import DCNNConfig, DeepLabPredictor
 
     return DeepLabPredictor(DCNNConfig(model_uri=model, device=device, autocast=autocast, **kw))
 
@@ -153,7 +153,7 @@ def compare(ref: dict, out: dict) -> tuple[float, float, int]:
 def check_agreement(models: dict[str, str], device: str, num_images: int) -> list[str]:
     import torch
 
-    from pipeline.weights import load_checkpoint
+    from pipeline.model.weights import load_checkpoint
 
     failures, rows = [], []
     bf16_ok = device != "cuda" or torch.cuda.is_bf16_supported(including_emulation=False)
@@ -215,7 +215,7 @@ def check_throughput(
 ) -> tuple[list[str], dict]:
     import torch
 
-    from pipeline.weights import load_checkpoint
+    from pipeline.model.weights import load_checkpoint
 
     num_classes = int(load_checkpoint(model)[1]["num_classes"])
     side = 513  # the 500x375 scenes' padded size
@@ -272,7 +272,7 @@ def check_out_of_memory(model: str) -> list[str]:
     import torch
 
     from pipeline import schema as S
-    from pipeline.scenes import make_scene
+    from pipeline.demo.scenes import make_scene
 
     total = torch.cuda.get_device_properties(0).total_memory
     n = min(8, int(total // (5.7 * 2**30)) + 2)  # more photos than fit at once
@@ -311,9 +311,9 @@ def check_out_of_memory(model: str) -> list[str]:
 def crf_core_seconds(model: str, num_images: int) -> float:
     """CRF core-seconds per image on this host (one thread's CPU time), on the model's fp32 CPU logits."""
     from pipeline.config import resolve_crf
-    from pipeline.crf import CRFRefiner
     from pipeline.flow import _take
-    from pipeline.weights import load_checkpoint
+    from pipeline.model.weights import load_checkpoint
+    from pipeline.stages.crf import CRFRefiner
 
     meta = load_checkpoint(model)[1]
     cfg, crf_raw = job_config_for("unused", "unused", model)
@@ -389,7 +389,7 @@ def crf_samples(count: int, *, seed: int = 300, size: tuple[int, int] = SCENE_HW
     """(image, probs) pairs: 21-label scenes with DeepLab-like scores, tiled up to ``size`` (H, W)."""
     import numpy as np
 
-    from pipeline.scenes import make_scene, simulate_scores
+    from pipeline.demo.scenes import make_scene, simulate_scores
 
     out = []
     reps = (-(-size[0] // SCENE_HW[0]), -(-size[1] // SCENE_HW[1]))
@@ -406,7 +406,7 @@ def timed_crf(images: list, probs_dev: list, cfg, device: str) -> tuple:
     (several images: one batch, as the DCNN actor refines a sub-batch)."""
     import torch
 
-    from pipeline.crf_torch import refine_probs_batch
+    from pipeline.stages.crf_torch import refine_probs_batch
 
     if device == "cuda":
         torch.cuda.synchronize()
@@ -427,7 +427,7 @@ def check_crf_backend(device: str, num_images: int) -> list[str]:
     import torch
 
     from bench.crf_backends import direct_pydensecrf
-    from pipeline.crf import crf_config_for
+    from pipeline.stages.crf import crf_config_for
 
     base = crf_config_for("deeplab-largefov", backend="torch", device=device)
     unpruned = dataclasses.replace(base, prune_threshold=0.0)
@@ -480,7 +480,7 @@ def check_crf_sizes(device: str) -> list[str]:
     """Memory and time per image size: the torch backend, 21 labels unpruned (the worst case), until one fails."""
     import torch
 
-    from pipeline.crf import crf_config_for
+    from pipeline.stages.crf import crf_config_for
 
     cfg = crf_config_for("deeplab-largefov", backend="torch", device=device, prune_threshold=0.0)
     sizes = [(375, 500), (750, 1000), (1500, 2000), (3000, 4000)] if device == "cuda" else [(375, 500)]
@@ -507,9 +507,9 @@ def check_dcnn_crf(model: str, device: str, batch_size: int, min_time_s: float, 
     """DCNN + CRF in one actor on the device (crf.device: cuda): images/s of the whole stage, vs the DCNN alone."""
     import numpy as np
 
-    from pipeline.crf import crf_config_for
-    from pipeline.dcnn import DCNNConfig, DeepLabPredictor
-    from pipeline.weights import load_checkpoint
+    from pipeline.model.weights import load_checkpoint
+    from pipeline.stages.crf import crf_config_for
+    from pipeline.stages.dcnn import DCNNConfig, DeepLabPredictor
 
     num_classes = int(load_checkpoint(model)[1]["num_classes"])
     crf_cfg = crf_config_for("deeplab-largefov", backend="torch", device=device)

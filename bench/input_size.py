@@ -1,6 +1,6 @@
 """Benchmark of the DCNN stage's input size: tight padding (``min_input_size=1``) vs Caffe's 513 crop, side by side.
 
-``pipeline.dcnn`` pads every image bottom/right with the mean to a canonical size >= max(image,
+``pipeline.stages.dcnn`` pads every image bottom/right with the mean to a canonical size >= max(image,
 ``min_input_size``), congruent to the crop size mod 8; ``None`` (the default) means the Caffe crop, 513 (514 for
 vgg128_noup), so a 160x120 image costs a 513x513 forward. This script runs the DCNN stage itself
 (``DeepLabPredictor``: preprocessing, forward, x8 upsampling, argmax) with each ``min_input_size`` in one process
@@ -8,7 +8,7 @@ and prints, per image set and floor:
 
 * **agree vs 513**: share of ``raw_mask`` pixels with the same label as under the default (513) padding, pooled
   over the set, and the worst single image;
-* **mIoU**: raw DCNN mIoU against the ground truth (generated scenes only; ``pipeline.metrics``);
+* **mIoU**: raw DCNN mIoU against the ground truth (generated scenes only; ``pipeline.metrics.confusion``);
 * **core-s/img**: CPU seconds per image (all threads; barely moved by other load on the machine, unlike wall
   time), and the 513 floor's cost over this one's (core-s and wall). Floors run one image at a time, in
   alternating order (A B C, C B A, ...) so the machine's drift cancels; a floor that gives the same padded size
@@ -51,13 +51,13 @@ from PIL import Image, ImageOps  # noqa: E402
 
 from bench.dcnn import batch_of  # noqa: E402
 from bench.pipeline import uptime, wait_for_load  # noqa: E402
-from pipeline import metrics  # noqa: E402
 from pipeline import schema as S  # noqa: E402
-from pipeline.dcnn import DCNNConfig, DeepLabPredictor, padded_size, predict_logits  # noqa: E402
-from pipeline.demo import DEMO_CHECKPOINT  # noqa: E402
-from pipeline.model import VARIANTS, build_model, upsample_logits  # noqa: E402
-from pipeline.scenes import encode_jpeg, make_scene, scene_seed  # noqa: E402
-from pipeline.weights import save_checkpoint  # noqa: E402
+from pipeline.demo.run import DEMO_CHECKPOINT  # noqa: E402
+from pipeline.demo.scenes import encode_jpeg, make_scene, scene_seed  # noqa: E402
+from pipeline.metrics import confusion as metrics  # noqa: E402
+from pipeline.model.deeplab import VARIANTS, build_model, upsample_logits  # noqa: E402
+from pipeline.model.weights import save_checkpoint  # noqa: E402
+from pipeline.stages.dcnn import DCNNConfig, DeepLabPredictor, padded_size, predict_logits  # noqa: E402
 
 BENCH_SEED = 2026_015  # issue 15; training used seed 0, its held-out test 1000, `deeplab demo` 2015000
 SCENE_SIZES = ((40, 30), (160, 120), (500, 375))  # (W, H): tiny, the demo model's training size, VOC's

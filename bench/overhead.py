@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     dcnn = {} if args.min_input_size is None else {"min_input_size": args.min_input_size}
     work = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     try:
-        from pipeline.scenes import class_names  # noqa: F401  (imports torch-free scene code before Ray starts)
+        from pipeline.demo.scenes import class_names  # noqa: F401  (imports torch-free scene code before Ray starts)
 
         num_classes = _classes(args.model)
         small = write_scenes(work / "small", n, size=(w, h), seed=3, num_classes=num_classes)
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # The stages in this process, one thread, on the small set: core-seconds per image.
         from pipeline.config import load_job_config
-        from pipeline.plan import list_inputs
+        from pipeline.stages.plan import list_inputs
 
         cfg, crf_raw = load_job_config(input=small, output=str(work / "inproc"), model=args.model, dcnn=dcnn)
         cfg, encode_cfg = resolved(cfg, crf_raw)

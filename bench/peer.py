@@ -2,7 +2,7 @@
 
 **The script** (``peer_script``, written as a user would, the deeplab-pytorch way): decode every image with Pillow,
 run the project's network (the shipped demo checkpoint ``pipeline/assets/demo-largefov.pt`` through
-``pipeline.weights`` / ``pipeline.dcnn.predict_probs``) with torch on all cores, keep the probabilities in memory,
+``pipeline.model.weights`` / ``pipeline.stages.dcnn.predict_probs``) with torch on all cores, keep the probabilities in memory,
 then pydensecrf per image (the paper's DeepLab-LargeFOV settings, all labels, 10 iterations, the stage's
 normalisation) in a ``multiprocessing`` pool of one process per core, and write PNG masks.
 
@@ -86,7 +86,7 @@ def write_photo_set(folder: Path, out: Path, count: int, seed: int = 0) -> list[
 
 
 def write_scene_set(out: Path, count: int, num_classes: int, seed: int = 11) -> list[Path]:
-    from pipeline.scenes import write_voc_dataset
+    from pipeline.demo.scenes import write_voc_dataset
 
     write_voc_dataset(str(out), count=count, size=SIZE, num_classes=num_classes, seed=seed)
     return sorted((out / "JPEGImages").glob("*.jpg"))
@@ -118,8 +118,8 @@ def peer_script(paths: list[Path], out_dir: Path) -> dict:
     import torch
     from PIL import Image
 
-    from pipeline.dcnn import predict_probs
-    from pipeline.weights import load_checkpoint
+    from pipeline.model.weights import load_checkpoint
+    from pipeline.stages.dcnn import predict_probs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start, c_start = time.monotonic(), time.process_time()
@@ -187,7 +187,7 @@ def run_job(input_dir: Path, output_dir: Path, bp) -> dict:
 def job_masks(output_dir: Path) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
-    from pipeline.export import decode_mask
+    from pipeline.export.masks import decode_mask
     from pipeline.schema import SOURCE
 
     masks = {}

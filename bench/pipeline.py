@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from pipeline.localhead import descendants  # noqa: E402
+from pipeline.cluster.localhead import descendants  # noqa: E402
 
 CORES = os.cpu_count() or 1
 SIZE = (500, 375)  # (W, H), PASCAL VOC's typical size
@@ -176,7 +176,7 @@ def process_kind(pid: int, seen: str | None) -> str:
 
 
 def start_local_ray() -> None:
-    """pipeline.segment.init_ray's local Ray, but always a new one: ray.init() without an address would join any
+    """pipeline.cluster.ray_init.init_ray's local Ray, but always a new one: ray.init() without an address would join any
     cluster already running on this machine (another user's `ray start`) and then refuse num_cpus."""
     import ray
 
@@ -188,9 +188,9 @@ def bench_checkpoint(directory: Path, width: float, *, seed: int = 0) -> str:
     """Width-scaled DeepLab-LargeFOV checkpoint with a confident classifier (see the module docstring)."""
     import torch
 
-    from pipeline.model import build_model
-    from pipeline.scenes import class_names
-    from pipeline.weights import save_checkpoint
+    from pipeline.demo.scenes import class_names
+    from pipeline.model.deeplab import build_model
+    from pipeline.model.weights import save_checkpoint
 
     torch.manual_seed(seed)
     model = build_model("deeplab-largefov", num_classes=NUM_CLASSES, width=width)
@@ -210,7 +210,7 @@ def bench_checkpoint(directory: Path, width: float, *, seed: int = 0) -> str:
 
 
 def model_classes(path: str) -> int:
-    from pipeline.weights import load_checkpoint
+    from pipeline.model.weights import load_checkpoint
 
     return int(load_checkpoint(path)[1]["num_classes"])
 
@@ -223,7 +223,7 @@ def write_scenes(
     seed: int = 11,
     num_classes: int = NUM_CLASSES,
 ) -> str:
-    from pipeline.scenes import write_voc_dataset
+    from pipeline.demo.scenes import write_voc_dataset
 
     write_voc_dataset(str(directory), count=count, size=size, num_classes=num_classes, seed=seed)
     return str(directory)
@@ -241,8 +241,8 @@ def resolved(cfg, crf_raw):
     import dataclasses
 
     from pipeline.config import resolve_crf
-    from pipeline.encode import EncodeConfig
     from pipeline.segment import load_model_meta
+    from pipeline.stages.encode import EncodeConfig
 
     meta, digest = load_model_meta(cfg)
     cfg = resolve_crf(cfg, meta["variant"], crf_raw)
@@ -253,7 +253,7 @@ def resolved(cfg, crf_raw):
 
 
 def items_of(cfg) -> list[dict]:
-    from pipeline.plan import list_inputs
+    from pipeline.stages.plan import list_inputs
 
     return list_inputs(cfg.read.input_uri, cfg.storage)[1]
 
@@ -264,13 +264,13 @@ def stage_costs(cfg, encode_cfg, items: list[dict], *, batch_size: int = 8) -> d
 
     import torch
 
-    from pipeline.crf import CRFRefiner
-    from pipeline.dcnn import DeepLabPredictor
-    from pipeline.decode import decode_batch
     from pipeline.flow import _concat, _take, encode_rows
-    from pipeline.read import fetch_batch
     from pipeline.schema import ID, LOGITS
-    from pipeline.write import commit_rows
+    from pipeline.stages.crf import CRFRefiner
+    from pipeline.stages.dcnn import DeepLabPredictor
+    from pipeline.stages.decode import decode_batch
+    from pipeline.stages.read import fetch_batch
+    from pipeline.stages.write import commit_rows
 
     t0 = time.monotonic()  # from model load on, as run_single and the Ray job are timed
     threads = torch.get_num_threads()

@@ -51,7 +51,7 @@ from bench.pipeline import (  # noqa: E402
     wait_for_load,
     write_scenes,
 )
-from pipeline.localhead import descendants  # noqa: E402
+from pipeline.cluster.localhead import descendants  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 # peak MiB reported: RSS of the driver, of Ray's worker processes, of Ray's daemons; driver + workers; the same

@@ -1,6 +1,6 @@
 """Entry point for training (``deeplab train ...`` or ``ray job submit -- python -m jobs.train ...``).
 
-Builds a ``TrainConfig`` from the command line and runs ``pipeline.train.run_training`` on the Ray cluster this
+Builds a ``TrainConfig`` from the command line and runs ``pipeline.train.ddp.run_training`` on the Ray cluster this
 process is attached to (``RAY_ADDRESS``), or on a local one.
 """
 
@@ -12,7 +12,7 @@ import logging
 import sys
 
 from pipeline.storage import StorageConfig
-from pipeline.train import TrainConfig, run_training
+from pipeline.train.ddp import TrainConfig, run_training
 
 __all__ = ["build_parser", "config_from_args", "train_main"]
 

@@ -71,9 +71,9 @@ def train(epochs: int, threads: int) -> None:
     import ray
 
     from jobs.train import train_main
-    from pipeline.scenes import make_scenes_main
-    from pipeline.services import LOCAL_S3_ENV, LocalS3
-    from pipeline.shards import shard_main
+    from pipeline.cluster.services import LOCAL_S3_ENV, LocalS3
+    from pipeline.demo.scenes import make_scenes_main
+    from pipeline.stages.shards import shard_main
     from pipeline.storage import StorageConfig, read_bytes, s3_client
 
     os.environ.update(LOCAL_S3_ENV)
@@ -112,7 +112,7 @@ def name_classes(path: Path = ASSET) -> list[str]:
 
     import torch
 
-    from pipeline.scenes import scene_class_names
+    from pipeline.demo.scenes import scene_class_names
 
     obj = torch.load(io.BytesIO(path.read_bytes()), map_location="cpu", weights_only=True)
     meta = dict(obj["meta"])
@@ -131,11 +131,11 @@ def evaluate(threads: int, count: int = TEST_COUNT, *, quiet: bool = False) -> d
     """Raw and CRF mIoU on ``count`` held-out scenes (JPEG round trip as the pipeline sees them)."""
     import torch
 
-    from pipeline import crf
-    from pipeline.model import upsample_logits
-    from pipeline.scenes import encode_jpeg, make_scene, scene_seed
-    from pipeline.train import confusion_matrix, miou, preprocess
-    from pipeline.weights import load_checkpoint
+    from pipeline.demo.scenes import encode_jpeg, make_scene, scene_seed
+    from pipeline.model.deeplab import upsample_logits
+    from pipeline.model.weights import load_checkpoint
+    from pipeline.stages import crf
+    from pipeline.train.ddp import confusion_matrix, miou, preprocess
 
     torch.set_num_threads(threads)
     model, meta = load_checkpoint(str(ASSET), expected_variant="deeplab-largefov")

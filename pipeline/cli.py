@@ -69,9 +69,9 @@ def _segment_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from pipeline.config import load_job_config_from_args
-    from pipeline.logs import user_stream
+    from pipeline.console.logs import user_stream
+    from pipeline.console.summary import format_dry_run, print_logs_line, print_summary
     from pipeline.segment import dry_run_segment, run_segment
-    from pipeline.summary import format_dry_run, print_logs_line, print_summary
 
     cfg, crf_raw = load_job_config_from_args(args)
     if args.no_crf:
@@ -99,22 +99,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.demo.run import run_demo
 
     given = {k: v for k, v in (("count", args.count), ("size", args.size)) if v is not None}
     return run_demo(workdir=args.workdir, **given)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate_output
+    from pipeline.console.summary import print_logs_line
+    from pipeline.metrics.evaluate import evaluate_output
     from pipeline.storage import StorageConfig
-    from pipeline.summary import print_logs_line
 
     storage = StorageConfig.from_env(endpoint_url=args.endpoint_url)
     if (
         not args.no_ray
     ):  # our init (no worker logs on the driver, progress bars off), not Ray Data's default one
-        from pipeline.segment import init_ray
+        from pipeline.cluster.ray_init import init_ray
 
         init_ray(args.address)
     metrics = evaluate_output(
@@ -131,8 +131,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_import_caffe(args: argparse.Namespace) -> int:
+    from pipeline.model.weights import import_caffe
     from pipeline.storage import StorageConfig
-    from pipeline.weights import import_caffe
 
     meta = import_caffe(
         args.caffemodel,
@@ -190,22 +190,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands with their own argparse: `deeplab NAME ARGS...` calls module.func(ARGS).
 PASSTHROUGH = {
-    "make-scenes": ("pipeline.scenes", "make_scenes_main", "generate a VOC-layout scene dataset"),
-    "shard": ("pipeline.shards", "shard_main", "pack a VOC-layout dataset into Parquet shards"),
+    "make-scenes": ("pipeline.demo.scenes", "make_scenes_main", "generate a VOC-layout scene dataset"),
+    "shard": ("pipeline.stages.shards", "shard_main", "pack a VOC-layout dataset into Parquet shards"),
     "train": ("jobs.train", "train_main", "train a DeepLab variant on Ray Train"),
-    "submit": ("pipeline.submit", "submit_main", "submit a job to a Ray cluster (Job Submission API)"),
-    "jobs": ("pipeline.submit", "jobs_main", "status | logs | stop a submitted job"),
-    "tune-crf": ("pipeline.tune", "tune_main", "cross-validate the CRF parameters on Ray Tune"),
-    "export": ("pipeline.export", "export_main", "write an output's masks as VOC PNGs or COCO RLE JSON"),
+    "submit": (
+        "pipeline.cluster.submit",
+        "submit_main",
+        "submit a job to a Ray cluster (Job Submission API)",
+    ),
+    "jobs": ("pipeline.cluster.submit", "jobs_main", "status | logs | stop a submitted job"),
+    "tune-crf": ("pipeline.tune.search", "tune_main", "cross-validate the CRF parameters on Ray Tune"),
+    "export": (
+        "pipeline.export.masks",
+        "export_main",
+        "write an output's masks as VOC PNGs or COCO RLE JSON",
+    ),
     "inspect": (
-        "pipeline.weights",
+        "pipeline.model.weights",
         "inspect_main",
         "show a checkpoint's variant, classes, provenance, digest",
     ),
 }
 
 
-# Commands whose output is routed (pipeline/logs.py): only our lines on the terminal, Ray's in a log file.
+# Commands whose output is routed (pipeline/console/logs.py): only our lines on the terminal, Ray's in a log file.
 ROUTED = ("segment", "evaluate", "demo", "tune-crf", "export")
 _FLAG_VERBOSE, _FLAG_QUIET, _FLAG_LOG = ("-v", "--verbose"), ("-q", "--quiet"), "--log-file"
 
@@ -252,7 +260,7 @@ def split_output_flags(argv: list[str]) -> tuple[list[str], dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline import logs
+    from pipeline.console import logs
 
     argv = sys.argv[1:] if argv is None else argv
     rest, opts = split_output_flags(argv)

@@ -15,12 +15,12 @@ from typing import Any
 
 import yaml
 
-from pipeline.crf import CRFConfig, crf_config_for
-from pipeline.dcnn import DCNNConfig
-from pipeline.decode import DecodeConfig
-from pipeline.model import VARIANTS
+from pipeline.model.deeplab import VARIANTS
+from pipeline.stages.crf import CRFConfig, crf_config_for
+from pipeline.stages.dcnn import DCNNConfig
+from pipeline.stages.decode import DecodeConfig
+from pipeline.stages.write import RETRY_POLICIES
 from pipeline.storage import StorageConfig, is_s3, read_bytes, redact, settle, storage_env_values
-from pipeline.write import RETRY_POLICIES
 
 __all__ = [
     "ConfigError",
@@ -86,7 +86,7 @@ class WriteConfig:
     # Attempts an image gets: the row of its max_retries-th attempt is permanent whatever its cause, so a scheduler
     # that re-runs on exit 75 stops.
     max_retries: int = 3
-    # One run per output (pipeline/lease.py): the lease lapses this long after its holder's last renewal (a killed
+    # One run per output (pipeline/output/lease.py): the lease lapses this long after its holder's last renewal (a killed
     # run's lease), and a second run waits up to lease_wait_s for it before refusing (0: refuse at once).
     lease_ttl_s: float = 120.0
     lease_wait_s: float = 0.0

@@ -22,10 +22,12 @@ import ray
 from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
 from pipeline import schema as S
-from pipeline.crf import CRFRefiner
-from pipeline.decode import decode_batch
-from pipeline.encode import EncodeConfig, encode_batch, to_table
-from pipeline.plan import (
+from pipeline.cluster.pools import PoolPlan
+from pipeline.console.progress import Progress
+from pipeline.stages.crf import CRFRefiner
+from pipeline.stages.decode import decode_batch
+from pipeline.stages.encode import EncodeConfig, encode_batch, to_table
+from pipeline.stages.plan import (
     LIST_TASKS_IN_FLIGHT,
     PLAN_DIR,
     UNITS_PER_TASK,
@@ -37,19 +39,8 @@ from pipeline.plan import (
     read_split,
     root_units,
 )
-from pipeline.pools import PoolPlan
-from pipeline.progress import Progress
-from pipeline.read import fetch_batch
-from pipeline.storage import (
-    StorageConfig,
-    StorageOutage,
-    delete,
-    delete_tree,
-    is_transient,
-    join,
-    list_files,
-)
-from pipeline.write import (
+from pipeline.stages.read import fetch_batch
+from pipeline.stages.write import (
     MASKS_DIR,
     PartsSummary,
     apply_supersedes,
@@ -62,6 +53,15 @@ from pipeline.write import (
     merge_retry,
     pending_supersedes,
     rows_of,
+)
+from pipeline.storage import (
+    StorageConfig,
+    StorageOutage,
+    delete,
+    delete_tree,
+    is_transient,
+    join,
+    list_files,
 )
 
 if TYPE_CHECKING:  # config and dcnn import torch; encode tasks import this module and need neither
@@ -151,7 +151,9 @@ def _fmt_pool(pool: dict[str, int]) -> str:
 def build_dataset(
     todo_uri: str, cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan, num_todo: int
 ) -> ray.data.Dataset:
-    from pipeline.dcnn import DeepLabPredictor  # not at the top: encode tasks import this module, not torch
+    from pipeline.stages.dcnn import (
+        DeepLabPredictor,  # not at the top: encode tasks import this module, not torch
+    )
 
     ctx = DataContext.get_current()
     # No wait for the pools' actors at the start: ray_pools fixes pools at their maximum, which may be nodes that
@@ -230,7 +232,7 @@ def build_dataset(
 # --- planning and the final check: plain 1-CPU Ray tasks; the driver holds O(units) and O(parts), never O(images)
 
 
-# Task bodies are the stage modules' own functions: a worker imports pipeline.plan / pipeline.write, not this module.
+# Task bodies are the stage modules' own functions: a worker imports pipeline.stages.plan / pipeline.stages.write, not this module.
 _index_task = ray.remote(index_parts)
 _merge_task = ray.remote(merge_index)
 _merge_retry_task = ray.remote(merge_retry)
@@ -435,7 +437,7 @@ def run_single_process(
     items: list[dict], cfg: JobConfig, encode_cfg: EncodeConfig, *, batch_size: int = 8
 ) -> dict:
     """The same stages in one process, no Ray: the reference the tests and benchmarks compare the cluster run with."""
-    from pipeline.dcnn import DeepLabPredictor
+    from pipeline.stages.dcnn import DeepLabPredictor
 
     predictor = DeepLabPredictor(cfg.dcnn, cfg.storage)
     refiner = CRFRefiner(cfg.crf) if cfg.crf is not None else None
@@ -481,7 +483,7 @@ def execute(
     """Stream the dataset to completion; return counts, timings and the nodes each stage ran on.
 
     The driver sees one summary row per committed part (write.part_summary), never a row per image. Each part
-    feeds ``progress`` (default: a bar in a terminal, else a line every ``log_every_s``; pipeline/progress.py).
+    feeds ``progress`` (default: a bar in a terminal, else a line every ``log_every_s``; pipeline/console/progress.py).
     """
     counts: Counter = Counter()
     nodes: dict[str, set] = {c: set() for c in S.NODE_COLUMNS}

@@ -9,7 +9,6 @@ import _thread
 import contextlib
 import dataclasses
 import logging
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -17,14 +16,14 @@ from importlib import metadata
 from typing import Any
 
 from pipeline import schema as S
+from pipeline.cluster.ray_init import init_ray
 from pipeline.config import JobConfig, resolve_crf
-from pipeline.encode import EncodeConfig
-from pipeline.identity import check_identity, identity_of
-from pipeline.lease import Lease, LeaseHeld
-from pipeline.logs import note_ray_session
+from pipeline.model.weights import checkpoint_digest, load_checkpoint_bytes
+from pipeline.output.identity import check_identity, identity_of
+from pipeline.output.lease import Lease, LeaseHeld
+from pipeline.stages.encode import EncodeConfig
+from pipeline.stages.write import MASKS_DIR, write_manifest
 from pipeline.storage import StorageError, StorageOutage, check_access, list_files, read_bytes, redact
-from pipeline.weights import checkpoint_digest, load_checkpoint_bytes
-from pipeline.write import MASKS_DIR, write_manifest
 
 __all__ = ["JobError", "StorageDown", "run_segment", "dry_run_segment"]
 
@@ -94,31 +93,6 @@ def load_model_meta(cfg: JobConfig) -> tuple[dict, str]:
     return meta, checkpoint_digest(data)
 
 
-def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> None:
-    """Connect to ``address`` / RAY_ADDRESS, or start a local Ray with at least 5 logical CPU slots.
-
-    Locally the slots are oversubscribed on purpose: a DCNN actor, two CRF actors, the plan reader and the encode +
-    write tasks each need a slot, and on a 2-core machine 2 slots would deadlock the pools (ray-project/ray#44687)
-    while the work itself fits (the reader and the writer are mostly idle).
-    """
-    import ray
-    from ray.data import DataContext
-
-    # Ray Data's per-operator progress output floods a non-interactive log; flow.execute logs progress instead.
-    DataContext.get_current().enable_progress_bars = False
-    if ray.is_initialized():
-        note_ray_session()  # the summary names the session's logs folder
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        num_cpus = local_cpus or max(5, os.cpu_count() or 1)
-        # "local": a new instance even when `ray start` left a cluster on this machine (/tmp/ray/ray_current_cluster)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    note_ray_session()
-
-
 def _prepare(cfg: JobConfig, crf_raw: dict[str, Any] | None) -> tuple[JobConfig, dict, str]:
     """Fail fast on storage and the model, complete the config from the checkpoint."""
     try:
@@ -161,7 +135,7 @@ def run_segment(
     address: str | None = None,
     break_lease: bool = False,
 ) -> dict:
-    """Run the job on ``cfg.write.output_uri`` under its lease (one run per output, pipeline/lease.py)."""
+    """Run the job on ``cfg.write.output_uri`` under its lease (one run per output, pipeline/output/lease.py)."""
     t0 = time.monotonic()
     cfg, meta, digest = _prepare(cfg, crf_raw)
     lease = Lease(
@@ -184,8 +158,8 @@ def run_segment(
 
 
 def _run_leased(cfg: JobConfig, meta: dict, digest: str, lease: Lease, t0: float) -> dict:
+    from pipeline.cluster.pools import plan_cluster_pools
     from pipeline.flow import build_dataset, duplicate_inputs, execute, index_output, verify_output
-    from pipeline.pools import plan_cluster_pools
 
     refusal = _storage_step(
         check_identity, cfg.write.output_uri, cfg.storage, _identity(cfg, digest),
@@ -252,7 +226,7 @@ def _run_leased(cfg: JobConfig, meta: dict, digest: str, lease: Lease, t0: float
 
 def _evaluate(cfg: JobConfig, meta: dict, run: dict) -> dict:
     """Dataset metrics and the report; a failure is reported in the manifest, not raised."""
-    from pipeline.evaluate import evaluate_output
+    from pipeline.metrics.evaluate import evaluate_output
 
     report = f"{cfg.write.output_uri.rstrip('/')}/report/"
     try:
@@ -322,8 +296,8 @@ def dry_run_segment(
     """
     import ray
 
+    from pipeline.cluster.pools import cluster_maxima, plan_pools
     from pipeline.flow import index_files
-    from pipeline.pools import cluster_maxima, plan_pools
     from pipeline.storage import join
 
     cfg, meta, digest = _prepare(cfg, crf_raw)

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from pipeline.services import LOCAL_S3_ENV, LocalS3
+from pipeline.cluster.services import LOCAL_S3_ENV, LocalS3
 from pipeline.storage import StorageConfig, s3_client
 
 

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.services import free_port
+from pipeline.cluster.services import free_port
 
 __all__ = ["S3rver", "S3RVER_BIN", "S3RVER_ENV"]
 

@@ -31,18 +31,18 @@ from faultproxy import FaultProxy
 from PIL import Image
 
 from pipeline import schema as S
+from pipeline.cluster.localhead import LocalHead, descendants
+from pipeline.cluster.services import LocalS3
 from pipeline.config import ConfigError, load_job_config, resolve_crf
-from pipeline.encode import EncodeConfig
+from pipeline.demo.scenes import class_names, encode_label_png, write_voc_dataset
 from pipeline.flow import run_single_process
-from pipeline.localhead import LocalHead, descendants
-from pipeline.model import build_model
-from pipeline.plan import list_inputs
-from pipeline.scenes import class_names, encode_label_png, write_voc_dataset
+from pipeline.model.deeplab import build_model
+from pipeline.model.weights import CheckpointError, load_checkpoint_bytes, save_checkpoint
 from pipeline.segment import JobError, load_model_meta, run_segment
-from pipeline.services import LocalS3
+from pipeline.stages.encode import EncodeConfig
+from pipeline.stages.plan import list_inputs
+from pipeline.stages.write import load_done, write_part
 from pipeline.storage import StorageConfig, join, list_files, s3_client, split_s3
-from pipeline.weights import CheckpointError, load_checkpoint_bytes, save_checkpoint
-from pipeline.write import load_done, write_part
 
 NUM_CLASSES = 4
 # Set in every process of this module's Ray (workers inherit the driver's environment at ray.init).

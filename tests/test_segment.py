@@ -20,14 +20,14 @@ from PIL import Image
 
 from pipeline import schema as S
 from pipeline.config import load_job_config, resolve_crf
-from pipeline.encode import EncodeConfig
+from pipeline.demo.scenes import class_names, write_voc_dataset
 from pipeline.flow import run_single_process
-from pipeline.model import build_model
-from pipeline.plan import list_inputs
-from pipeline.scenes import class_names, write_voc_dataset
+from pipeline.model.deeplab import build_model
+from pipeline.model.weights import save_checkpoint
 from pipeline.segment import JobError, load_model_meta, run_segment
+from pipeline.stages.encode import EncodeConfig
+from pipeline.stages.plan import list_inputs
 from pipeline.storage import filesystem, join, list_files
-from pipeline.weights import save_checkpoint
 
 NUM_CLASSES = 4
 
@@ -127,7 +127,7 @@ def test_rows_schema_and_equal_to_single_process_reference(
 
     # Metrics recomputed independently (one process, from the Parquet masks + ground truth PNGs) equal the
     # metrics.json the job wrote, to the last digit.
-    from pipeline.evaluate import evaluate_output
+    from pipeline.metrics.evaluate import evaluate_output
     from pipeline.storage import read_bytes
 
     written = json.loads(read_bytes(join(bucket, "out", "report", "metrics.json"), storage_cfg))

@@ -9,8 +9,8 @@ import pytest
 
 from pipeline import storage
 from pipeline.cli import build_parser
+from pipeline.cluster.services import LocalS3
 from pipeline.config import ConfigError, load_job_config, load_job_config_from_args
-from pipeline.services import LocalS3
 from pipeline.storage import StorageConfig, storage_settings
 
 JOB = {"input": "in", "output": "out", "model": "m.pt"}
@@ -213,7 +213,7 @@ def test_segment_through_the_cli_records_the_environments_endpoint_and_region(
     import subprocess
     from pathlib import Path
 
-    from pipeline.scenes import write_voc_dataset
+    from pipeline.demo.scenes import write_voc_dataset
 
     root = Path(__file__).resolve().parent.parent
     write_voc_dataset(f"{bucket}/scenes", count=2, size=(48, 32), num_classes=6, storage_cfg=storage_cfg)

@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.labels import decode_label_png, label_class_warning
-from pipeline.localfiles import UnsafePath, create_private_file, open_log_file, private_dir
-from pipeline.plan import list_inputs
+from pipeline.cluster.submit import SubmitError, check_transport, submit_main
+from pipeline.console.files import UnsafePath, create_private_file, open_log_file, private_dir
+from pipeline.stages.labels import decode_label_png, label_class_warning
+from pipeline.stages.plan import list_inputs
 from pipeline.storage import StorageConfig, check_source_allowed, s3_client
-from pipeline.submit import SubmitError, check_transport, submit_main
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "pipeline" / "assets" / "demo-largefov.pt"
@@ -120,7 +120,7 @@ def test_label_class_warning_names_classes_the_model_lacks(tmp_path):
 
 
 def test_make_scenes_defaults_to_the_shipped_models_classes(tmp_path):
-    from pipeline.scenes import make_scenes_main
+    from pipeline.demo.scenes import make_scenes_main
 
     assert make_scenes_main(["--output", str(tmp_path / "d"), "--count", "2", "--size", "32x24"]) == 0
     meta = json.loads((tmp_path / "d" / "dataset.json").read_text())
@@ -247,7 +247,7 @@ def test_storage_errors_during_the_format_check_are_one_line(local_s3, storage_c
     to it and nothing else: one line naming the cause, no traceback."""
     from faultproxy import FaultProxy
 
-    from pipeline.scenes import write_voc_dataset
+    from pipeline.demo.scenes import write_voc_dataset
 
     write_voc_dataset(f"{bucket}/scenes", count=1, size=(32, 24), num_classes=6, storage_cfg=storage_cfg)
     (tmp_path / "job.yaml").write_text("storage: {max_attempts: 1}\n")

@@ -6,4 +6,4 @@ set -euo pipefail
 [[ $# -ge 1 ]] || { echo "usage: $0 DIR [options]" >&2; exit 2; }
 source "$(dirname "$0")/_python.sh"
 dir="$1"; shift
-exec "$PY" -m pipeline.localhead start-head --dir "$dir" "$@"
+exec "$PY" -m pipeline.cluster.localhead start-head --dir "$dir" "$@"

@@ -3,4 +3,4 @@
 set -euo pipefail
 [[ $# -eq 1 ]] || { echo "usage: $0 DIR" >&2; exit 2; }
 source "$(dirname "$0")/_python.sh"
-exec "$PY" -m pipeline.localhead stop-s3 --dir "$1"
+exec "$PY" -m pipeline.cluster.localhead stop-s3 --dir "$1"

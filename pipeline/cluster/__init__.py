@@ -1,0 +1,1 @@
+"""Cluster operations: Ray start-up, actor pools, the local head, job submission, local services."""

@@ -1,0 +1,1 @@
+"""The demo world: generated VOC-layout scenes and the one-command demo."""

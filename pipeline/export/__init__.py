@@ -1,0 +1,1 @@
+"""deeplab export: masks to PNG files or COCO, beside the job."""

@@ -1,0 +1,1 @@
+"""What guards an output across runs: one run at a time (the lease) and one identity."""

@@ -1,0 +1,1 @@
+"""deeplab train: the paper's recipe on Ray Train (DDP)."""

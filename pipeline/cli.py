@@ -199,7 +199,7 @@ PASSTHROUGH = {
         "submit a job to a Ray cluster (Job Submission API)",
     ),
     "jobs": ("pipeline.cluster.submit", "jobs_main", "status | logs | stop a submitted job"),
-    "tune-crf": ("pipeline.tune.search", "tune_main", "cross-validate the CRF parameters on Ray Tune"),
+    "tune-crf": ("pipeline.tune.run", "tune_main", "cross-validate the CRF parameters on Ray Tune"),
     "export": (
         "pipeline.export.masks",
         "export_main",

@@ -21,7 +21,7 @@ def pytest_configure(config) -> None:
 def s3rver():
     """s3rver (npm) on 127.0.0.1 with a free port and one bucket, ``data``; its credentials are in
     ``s3compat.S3RVER_ENV``. Nothing goes into os.environ: tests hand the endpoint to a subprocess or a config."""
-    from s3compat import S3rver
+    from tests.s3compat import S3rver
 
     with S3rver(buckets=("data",)) as server:
         yield server

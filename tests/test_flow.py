@@ -74,10 +74,9 @@ def test_an_explicit_environment_setting_wins(monkeypatch):
 
 def test_a_part_storage_refuses_stops_the_job_with_a_storage_outage():
     """A commit that fails past the client's retries (here: nothing listens) is an outage, not a traceback."""
-    from tests.test_write import _rows
-
     from pipeline.flow import write_rows
     from pipeline.storage import StorageConfig, StorageOutage
+    from tests.stages.test_write import _rows
 
     down = StorageConfig(endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout_s=1)
     with pytest.raises(StorageOutage, match=r"^storage outage: cannot commit a part under s3://nowhere/out"):

@@ -27,7 +27,6 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
-from faultproxy import FaultProxy
 from PIL import Image
 
 from pipeline import schema as S
@@ -43,6 +42,7 @@ from pipeline.stages.encode import EncodeConfig
 from pipeline.stages.plan import list_inputs
 from pipeline.stages.write import load_done, write_part
 from pipeline.storage import StorageConfig, join, list_files, s3_client, split_s3
+from tests.faultproxy import FaultProxy
 
 NUM_CLASSES = 4
 # Set in every process of this module's Ray (workers inherit the driver's environment at ray.init).
@@ -644,7 +644,7 @@ def test_cli_run_leaks_no_secret_and_writes_only_under_output(
 ):
     """A whole `deeplab -v segment` (debug logs on) with hostile keys and a failing object, on this module's Ray:
     SECRET is in no log line, manifest, report or error row, and every write the job sends is under OUTPUT/."""
-    from hostile import HOSTILE_KEYS
+    from tests.hostile import HOSTILE_KEYS
 
     name = split_s3(bucket)[0]
     write_voc_dataset(

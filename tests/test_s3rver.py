@@ -17,9 +17,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from s3compat import S3RVER_ENV
 
 from pipeline.storage import StorageConfig, filesystem, read_bytes, s3_client, storage_settings, write_bytes
+from tests.s3compat import S3RVER_ENV
 
 pytestmark = pytest.mark.integration
 

@@ -155,9 +155,8 @@ def test_no_crf_masks_equal_raw(ray_local, scenes, checkpoint, storage_cfg, buck
 
 def test_hostile_inputs_each_end_as_one_correct_row(ray_local, storage_cfg, bucket, tmp_path):
     """Every hostile image and label (tests/hostile.py) ends as exactly one row with the expected status."""
-    from hostile import HOSTILE_IMAGES, HOSTILE_KEYS, HOSTILE_LABELS
-
     from pipeline.storage import s3_client, split_s3
+    from tests.hostile import HOSTILE_IMAGES, HOSTILE_KEYS, HOSTILE_LABELS
 
     client, name = s3_client(storage_cfg), split_s3(bucket)[0]
     expected: dict[str, object] = {}

@@ -245,9 +245,8 @@ def test_a_config_that_is_not_there_or_not_yaml_is_one_line(tmp_path):
 def test_storage_errors_during_the_format_check_are_one_line(local_s3, storage_cfg, bucket, tmp_path, broken):
     """The input's format check (a HEAD through pyarrow, a listing through boto3) meets a store that answers 500
     to it and nothing else: one line naming the cause, no traceback."""
-    from faultproxy import FaultProxy
-
     from pipeline.demo.scenes import write_voc_dataset
+    from tests.faultproxy import FaultProxy
 
     write_voc_dataset(f"{bucket}/scenes", count=1, size=(32, 24), num_classes=6, storage_cfg=storage_cfg)
     (tmp_path / "job.yaml").write_text("storage: {max_attempts: 1}\n")

@@ -1,4 +1,4 @@
-"""Page pieces shared by the segment report (``pipeline/metrics/report.py``) and the tune-crf report (``pipeline/tune/search.py``).
+"""Page pieces shared by the segment report (``pipeline/metrics/report.py``) and the tune-crf report (``pipeline/tune/``).
 
 One stylesheet, tables, figures beside tables, and the escaping that keeps untrusted text (image ids, class names,
 URIs) inert: HTML-escaped in the page, Markdown-escaped in ``report.md``, plain text (no math, no TeX) in

@@ -1,4 +1,4 @@
-"""The tune-crf report (``OUT/report.md``, ``OUT/report.html``) from ``tuning.json`` (``pipeline/tune/search.py``).
+"""The tune-crf report (``OUT/report.md``, ``OUT/report.html``) from ``tuning.json`` (``pipeline/tune/``).
 
 The answer first (mean IoU and pixel accuracy: DCNN -> CRF default -> CRF tuned, the tuned parameters, images,
 model, time per image), then each table beside its figure: the trimap curve, one heatmap per search round, and

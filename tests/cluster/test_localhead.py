@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.cluster.localhead import LocalHead, _alive, _record, kill_recorded
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "infra" / "local"
 
 

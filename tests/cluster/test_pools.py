@@ -17,7 +17,7 @@ from pipeline import schema as S
 from pipeline.cluster.pools import PoolPlan, plan_cluster_pools, plan_pools
 from pipeline.config import ConfigError, PoolConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cluster_config(node_types: dict[str, tuple[dict, int, int]]):
@@ -239,7 +239,8 @@ def _autoscaling_cluster(monkeypatch, node_types: dict, nodes: list[dict]):
     import ray
     from ray.cluster_utils import Cluster
     from ray.experimental.internal_kv import _internal_kv_put
-    from test_cluster import NODE_MEMORY
+
+    from tests.cluster.test_cluster import NODE_MEMORY
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
@@ -295,10 +296,9 @@ def _run_while(cfg, crf_overrides: dict, steps: list[tuple[str, str, Callable[[]
 
 
 def test_nodes_join_a_waiting_then_a_running_job(monkeypatch, local_s3, storage_cfg, bucket, tmp_path):
-    from test_cluster import NODE_MEMORY, NUM_CLASSES, _checkpoint, _job, _output_rows
-
     from pipeline.cluster.pools import cluster_maxima
     from pipeline.demo.scenes import write_voc_dataset
+    from tests.cluster.test_cluster import NODE_MEMORY, NUM_CLASSES, _checkpoint, _job, _output_rows
 
     count = 16
     write_voc_dataset(f"{bucket}/voc", count=count, size=(160, 120), num_classes=NUM_CLASSES, seed=3,

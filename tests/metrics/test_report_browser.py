@@ -281,7 +281,7 @@ def make_tune_doc(num_classes: int = 4) -> tuple[dict, list[dict]]:
 
 
 def test_tune_report_in_chromium(tmp_path):
-    from pipeline.tune.search import render_reports
+    from pipeline.tune.report import render_reports
 
     doc, rounds = make_tune_doc()
     _, page, _ = render_reports(doc, rounds)

@@ -15,9 +15,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from faultproxy import FaultProxy
-from test_segment import job, read_output, tiny_checkpoint
-from test_write import _rows
 
 from pipeline import schema as S
 from pipeline.demo.scenes import write_voc_dataset
@@ -28,6 +25,9 @@ from pipeline.stages.plan import PlanSource, list_inputs, plan_unit
 from pipeline.stages.read import fetch_batch
 from pipeline.stages.write import IdIndex, RetryIndex, load_done, part_name, write_part
 from pipeline.storage import StorageConfig, StorageError, StorageOutage, join, list_files, s3_client, split_s3
+from tests.faultproxy import FaultProxy
+from tests.stages.test_write import _rows
+from tests.test_segment import job, read_output, tiny_checkpoint
 
 LOCAL = StorageConfig()
 NUM_CLASSES = 4

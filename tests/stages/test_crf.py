@@ -177,7 +177,7 @@ def test_forced_bad_parameters_never_reach_pydensecrf():
         print("all rejected")
         """
     )
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
     assert proc.returncode == 0, f"rc={proc.returncode}\nstdout:{proc.stdout}\nstderr:{proc.stderr[-2000:]}"
     assert "all rejected" in proc.stdout

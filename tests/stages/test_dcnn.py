@@ -538,7 +538,7 @@ def test_device_fault_retries_the_block_on_a_fresh_actor(ray_local, checkpoint, 
 def _gpu_check():
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
     spec = importlib.util.spec_from_file_location("gpu_check", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

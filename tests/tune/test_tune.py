@@ -1,4 +1,4 @@
-"""tune-crf (pipeline/tune/search.py): search files, a tiny grid on real Ray Tune + a real S3 endpoint (moto server), a
+"""tune-crf (pipeline/tune/): search files, a tiny grid on real Ray Tune + a real S3 endpoint (moto server), a
 killed run resumed, the best trial reproduced by ``segment --config OUT/crf.yaml``, cached logits equal to the
 segment job's, a failing trial recorded while the search goes on."""
 
@@ -26,18 +26,9 @@ from pipeline.model.deeplab import build_model
 from pipeline.model.weights import save_checkpoint
 from pipeline.stages.crf import CRFConfig
 from pipeline.storage import filesystem, join, list_files, read_bytes, s3_client
-from pipeline.tune.search import (
-    _Recorder,
-    _Rounds,
-    cache_rows,
-    crf_masks,
-    grid_of,
-    make_trainable,
-    parse_search,
-    refine_values,
-    run_search,
-    trial_key,
-)
+from pipeline.tune.rounds import _Recorder, _Rounds, make_trainable, run_search
+from pipeline.tune.space import grid_of, parse_search, refine_values, trial_key
+from pipeline.tune.trials import cache_rows, crf_masks
 
 NUM_CLASSES = 4
 # 2 x 2 = 4 grid trials + the default, then one refine round of 3 x 3 = 9 (8 new): 13 trials.
@@ -116,7 +107,7 @@ def test_search_file_sets_ranges_lists_and_fixed_values():
     ],
 )
 def test_bad_search_file_fails_in_one_line_naming_it(tmp_path, text, named):
-    from pipeline.tune.search import load_search
+    from pipeline.tune.space import load_search
 
     path = tmp_path / "search.yaml"
     path.write_text(text)
@@ -256,7 +247,7 @@ def test_best_trial_reproduces_through_segment_config(tuned, segmented):
 def test_cached_logits_equal_the_segment_jobs(tuned, segmented, storage_cfg, ray_local):
     import ray
 
-    from pipeline.tune.search import compute_logits
+    from pipeline.tune.trials import compute_logits
 
     fs, path = filesystem(tuned["doc"]["logits_cache"], storage_cfg)
     rows = cache_rows(pq.read_table(path, filesystem=fs))
@@ -336,9 +327,8 @@ def test_render_reports_answer_first_same_order_and_escaped():
     untrusted text (an error message, the input URI) escaped."""
     import re
 
-    from tests.test_report_browser import make_tune_doc
-
-    from pipeline.tune.search import render_reports
+    from pipeline.tune.report import render_reports
+    from tests.metrics.test_report_browser import make_tune_doc
 
     doc, rounds = make_tune_doc()
     doc["input"] = "s3://b/<img src=x onerror=alert(1)>"

@@ -294,3 +294,19 @@ def test_evaluate_with_a_decompression_bomb_label_counts_it_and_goes_on(tmp_path
     metrics = json.loads((root / "report" / "metrics.json").read_text())
     assert metrics["num_eval_errors"] == 3  # b (the bomb), e and f (no label file): counted, not decoded
     assert "label PNG header claims" in json.dumps(metrics)
+
+
+def test_plan_label_warning_samples_the_first_todo_file(tmp_path):
+    from pipeline.labels import plan_label_warning
+
+    arr = np.zeros((8, 8), np.uint8)
+    arr[0, 0] = 20  # a VOC class: the 6-class model has no such class
+    (tmp_path / "l.png").write_bytes(_png(arr))
+    todo = tmp_path / "_plan" / "todo"
+    todo.mkdir(parents=True)
+    rows = {"image_id": ["a", "b"], "label_source": [None, str(tmp_path / "l.png")]}
+    pq.write_table(pa.table(rows), todo / "u-0.parquet")
+    warning = plan_label_warning(str(todo), 6, LOCAL)
+    assert warning is not None and "[20]" in warning
+    assert plan_label_warning(str(todo), 21, LOCAL) is None
+    assert plan_label_warning(str(tmp_path / "nothing"), 6, LOCAL) is None

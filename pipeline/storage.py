@@ -135,7 +135,10 @@ def storage_env_values(environ: Mapping[str, str] | None = None) -> dict[str, st
     AWS_DEFAULT_REGION, AWS_REQUEST_CHECKSUM_CALCULATION); empty variables count as unset."""
     environ = os.environ if environ is None else environ
     values: dict[str, str] = {}
+    ignore_endpoints = environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() == "true"  # as boto3
     for key, names in _ENV_KEYS:
+        if key == "endpoint_url" and ignore_endpoints:
+            continue
         found = next((environ[n] for n in names if environ.get(n)), None)
         if found is not None:
             values[key] = found.lower() if key == "request_checksum_calculation" else found

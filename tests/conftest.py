@@ -11,12 +11,6 @@ from pipeline.cluster.services import LOCAL_S3_ENV, LocalS3
 from pipeline.storage import StorageConfig, s3_client
 
 
-def pytest_configure(config) -> None:
-    config.addinivalue_line(
-        "markers", "integration: needs a local Ray cluster, an S3 server or a subprocess job (runs in CI)"
-    )
-
-
 @pytest.fixture(scope="session")
 def s3rver():
     """s3rver (npm) on 127.0.0.1 with a free port and one bucket, ``data``; its credentials are in

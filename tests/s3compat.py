@@ -1,6 +1,6 @@
 """Test helper: s3rver (npm), a second, independent S3 implementation besides moto, on 127.0.0.1 with a free port.
 
-Installed project-locally by ``npm ci --prefix infra/s3rver`` (the Makefile's test set-up). Node >= 17 needs
+Installed project-locally by ``npm ci --prefix infra/local/s3rver`` (the Makefile's test set-up). Node >= 17 needs
 ``--openssl-legacy-provider`` for s3rver's own continuation tokens (DES), or its truncated listings fail.
 s3rver checks the access key id (``S3RVER``), keeps aws-chunked framing inside objects unless request checksums
 are off (``storage.request_checksum_calculation``), and ignores conditional writes (If-None-Match, If-Match).
@@ -22,7 +22,7 @@ from pipeline.cluster.services import free_port
 __all__ = ["S3rver", "S3RVER_BIN", "S3RVER_ENV"]
 
 ROOT = Path(__file__).resolve().parent.parent
-S3RVER_BIN = ROOT / "infra" / "s3rver" / "node_modules" / ".bin" / "s3rver"
+S3RVER_BIN = ROOT / "infra" / "local" / "s3rver" / "node_modules" / ".bin" / "s3rver"
 # s3rver's fixed credentials: placeholders, not secrets.
 S3RVER_ENV = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER"}
 
@@ -44,7 +44,7 @@ class S3rver:
     def start(self, timeout_s: float = 30.0) -> S3rver:
         if not S3RVER_BIN.exists():
             raise RuntimeError(
-                f"s3rver is not installed ({S3RVER_BIN} missing): run `npm ci --prefix infra/s3rver` "
+                f"s3rver is not installed ({S3RVER_BIN} missing): run `npm ci --prefix infra/local/s3rver` "
                 "(make setup does)"
             )
         self.port = self.port or free_port(self.host)

@@ -30,6 +30,8 @@ def test_settings_layers_flags_file_environment_defaults():
     assert (cfg.endpoint_url, cfg.region, cfg.max_attempts) == ("http://s3-only:2", "ap-south-1", 4)
     cfg = storage_settings({"endpoint_url": "http://flag:3"}, {"endpoint_url": "http://file:4"}, env)
     assert cfg.endpoint_url == "http://flag:3"
+    ignored = storage_settings(environ={**env, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"})
+    assert (ignored.endpoint_url, ignored.region) == (None, "eu-central-1")  # boto3 ignores them too
     defaults = storage_settings(environ={})
     assert (defaults.endpoint_url, defaults.region) == (None, None)
 

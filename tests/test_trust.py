@@ -94,14 +94,8 @@ def test_label_errors_do_not_echo_contents_and_a_bomb_is_not_decoded():
     bomb = _png(np.zeros((2000, 3000), np.uint8))  # 6 Mpx of zeros: a few KB compressed
     with pytest.raises(ValueError, match="over the limit of 1,000,000: not decoded"):
         decode_label_png(bomb, max_pixels=1_000_000)
-    huge = Image.new("L", (1, 1))
-    buf = io.BytesIO()
-    huge.save(buf, format="PNG")
-    header_lie = bytearray(buf.getvalue())  # IHDR claims 100000 x 100000 (10 Gpx): Pillow's own bomb error
-    header_lie[16:24] = (100000).to_bytes(4, "big") * 2
-    header_lie[29:33] = zlib.crc32(bytes(header_lie[12:29])).to_bytes(4, "big")  # IHDR's CRC, so it parses
-    with pytest.raises(ValueError, match="label PNG header claims"):
-        decode_label_png(bytes(header_lie))
+    with pytest.raises(ValueError, match="label PNG header claims"):  # 10 Gpx: Pillow's own bomb error
+        decode_label_png(_bomb_png())
     assert decode_label_png(_png(np.full((4, 5), 3, np.uint8))).shape == (4, 5)
 
 
@@ -274,3 +268,44 @@ def test_storage_errors_during_the_format_check_are_one_line(local_s3, storage_c
     assert lines[0].startswith("deeplab segment: error: ") and ("500" in lines[0] or "nternal" in lines[0]), (
         lines[0]
     )
+
+
+def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` (CRC fixed, so only the size is a lie)."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.integration
+def test_evaluate_with_a_decompression_bomb_label_counts_it_and_goes_on(tmp_path):
+    from test_evaluate import make_output
+
+    root = tmp_path / "out"
+    labels = make_output(str(root), LOCAL, with_label_source=False)
+    Path(labels, "b.png").write_bytes(_bomb_png())  # 10 Gpx claimed
+    proc = _deeplab("evaluate", "--masks", str(root), "--labels", labels, "--no-ray", cwd=tmp_path)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "errors" in proc.stdout
+    metrics = json.loads((root / "report" / "metrics.json").read_text())
+    assert metrics["num_eval_errors"] == 3  # b (the bomb), e and f (no label file): counted, not decoded
+    assert "label PNG header claims" in json.dumps(metrics)
+
+
+def test_plan_label_warning_samples_the_first_todo_file(tmp_path):
+    from pipeline.stages.labels import plan_label_warning
+
+    arr = np.zeros((8, 8), np.uint8)
+    arr[0, 0] = 20  # a VOC class: the 6-class model has no such class
+    (tmp_path / "l.png").write_bytes(_png(arr))
+    todo = tmp_path / "_plan" / "todo"
+    todo.mkdir(parents=True)
+    rows = {"image_id": ["a", "b"], "label_source": [None, str(tmp_path / "l.png")]}
+    pq.write_table(pa.table(rows), todo / "u-0.parquet")
+    warning = plan_label_warning(str(todo), 6, LOCAL)
+    assert warning is not None and "[20]" in warning
+    assert plan_label_warning(str(todo), 21, LOCAL) is None
+    assert plan_label_warning(str(tmp_path / "nothing"), 6, LOCAL) is None

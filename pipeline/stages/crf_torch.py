@@ -11,9 +11,11 @@ factors (1/sqrt((i+1)(i+2)) * sqrt(2/3)(d+1)) in float32 and in its order of ope
 along each of the d+1 axes with weights 1, 0.5, 0.5 (a missing neighbour counts 0), the slice's alpha
 1/(1+2^-d), and the normalisation modes of ``DenseKernel`` (``after`` divides the filtered values by the filtered
 ones image, ``symmetric`` scales by its inverse square root before and after). Torch replaces the hash table:
-each vertex key is packed into one int64, ``torch.unique(return_inverse=True)`` numbers the vertices and
-``searchsorted`` finds the blur neighbours. A lattice is built once per image and kernel and reused by every
-mean-field iteration. Where results differ from pydensecrf (float rounding order, exp): docs/crf-backends.md.
+each vertex key is packed into one int64, a sort and ``torch.unique_consecutive(return_inverse=True)`` number the
+vertices and ``searchsorted`` finds the blur neighbours. A lattice is built once per image and kernel and reused by every
+mean-field iteration; a batch of images shares one lattice per kernel with the image index in every key, so each
+image still gets exactly its own CRF. Where results differ from pydensecrf (float rounding order, exp):
+docs/crf-backends.md.
 """
 
 from __future__ import annotations
@@ -88,19 +90,24 @@ class PermutohedralLattice:
                 f"features: expected N >= 1 finite values within +-{_MAX_FEATURE:g}, got N = {n}"
             )
         dev = features.device
-        rem0, rank, bary = _simplex(features)  # (N, d+1) each
+        rem0, rank, bary = _simplex(features)  # (d+1, N), (d+1, N), (N, d+1)
         packed, strides = _packed_keys(rem0, rank, groups, num_groups)  # (N, d+1) int64
-        keys, inverse = torch.unique(packed.reshape(-1), sorted=True, return_inverse=True)  # (M,), (N*(d+1),)
+        # The hash table: one stable sort of the keys numbers the vertices (torch.unique's inverse) and, in the same
+        # pass, orders the splat's entries by vertex and, within a vertex, by point.
+        sorted_keys, order = torch.sort(packed.reshape(-1), stable=True)  # (N*(d+1),)
+        keys, sorted_inverse, counts = torch.unique_consecutive(
+            sorted_keys, return_inverse=True, return_counts=True
+        )
+        inverse = torch.empty_like(sorted_inverse)
+        inverse[order] = sorted_inverse  # vertex of each (point, remainder) entry
         self.num_vertices = m = int(keys.numel())
         # Slice: point i sums alpha * barycentric * value over its d+1 vertices (alpha = 1/(1+2^-d), libDenseCRF's).
         alpha = np.float32(1.0) / (np.float32(1.0) + np.float32(2.0) ** np.float32(-d))
         self.slice_index = inverse.reshape(n, d + 1) + 1  # (N, d+1) rows of the vertex values
         self.slice_weight = bary * torch.tensor(alpha, device=dev)  # (N, d+1)
-        # Splat: vertex m sums barycentric * value over the points touching it, in point order (stable sort).
-        order = torch.argsort(inverse, stable=True)
+        # Splat: vertex m sums barycentric * value over the points touching it, in point order.
         self.splat_index = order // (d + 1)  # (N*(d+1),) point of each entry
         self.splat_weight = bary.reshape(-1)[order]
-        counts = torch.bincount(inverse, minlength=m)
         # M+1 bags: an empty bag 0 (sums to 0) then vertex m's entries, so the splat comes out as vertex values.
         self.splat_offsets = torch.cat((counts.new_zeros(2), counts.cumsum(0)[:-1]))  # (M+1,)
         # Blur along axis j: new[m] = v[m] + 0.5 v[n1] + 0.5 v[n2] (row 0 for a missing neighbour, and row 0 -> 0).

@@ -16,9 +16,17 @@ import numpy as np
 from PIL import Image
 
 from pipeline import storage
+from pipeline.schema import LABEL_SOURCE
 from pipeline.stages.decode import DecodeConfig
 
-__all__ = ["MAX_LABEL_PIXELS", "MAX_LABEL_BYTES", "VOID", "decode_label_png", "label_class_warning"]
+__all__ = [
+    "MAX_LABEL_PIXELS",
+    "MAX_LABEL_BYTES",
+    "VOID",
+    "decode_label_png",
+    "label_class_warning",
+    "plan_label_warning",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +77,15 @@ def label_class_warning(
     class_names: Sequence[str] | None = None,
     max_labels: int = 8,
 ) -> str | None:
-    """A one-line warning when some of the first ``max_labels`` labels hold class values the model does not
-    have (>= ``num_classes``, other than void 255), else None. Unreadable labels are skipped: the job reports them
-    per row. Call it before any work, with a few of the job's label URIs (plain object URIs, not shard rows)."""
+    """A one-line warning when some of the first ``max_labels`` readable labels hold class values the model does
+    not have (>= ``num_classes``, other than void 255), else None. Unreadable labels are skipped: the job reports
+    them per row. Call it before any work, with a few of the job's label URIs (plain object URIs, not shard
+    rows)."""
     seen: set[int] = set()
     checked: list[str] = []
-    for uri in [u for u in label_uris if u and "#" not in u][:max_labels]:
+    for uri in (u for u in label_uris if u and "#" not in u):
+        if len(checked) >= max_labels:
+            break
         try:
             values = np.unique(
                 decode_label_png(storage.read_bytes(uri, storage_cfg, max_bytes=MAX_LABEL_BYTES))
@@ -93,3 +104,25 @@ def label_class_warning(
         f"seen in {len(checked)} sampled label(s), e.g. {checked[0]}. Those images' rows will be label errors: "
         "check --labels and --model (make-scenes --num-classes must match the model's)"
     )
+
+
+def plan_label_warning(
+    todo_uri: str,
+    num_classes: int,
+    storage_cfg: storage.StorageConfig,
+    *,
+    class_names: Sequence[str] | None = None,
+    max_labels: int = 8,
+) -> str | None:
+    """``label_class_warning`` for a planned job: samples the label URIs of its first ``todo/`` plan file
+    (flow.JobPlan.todo_uri). None when nothing is to do or nothing is labelled."""
+    import pyarrow.parquet as pq
+
+    files = storage.list_files(todo_uri, storage_cfg, (".parquet",))
+    if not files:
+        return None
+    fs, path = storage.filesystem(files[0], storage_cfg)
+    with fs.open_input_file(path) as f:
+        column = pq.ParquetFile(f).read_row_group(0, columns=[LABEL_SOURCE]).column(0)
+    uris = [u for u in column.to_pylist() if u][: max_labels * 4]  # spares for unreadable ones
+    return label_class_warning(uris, num_classes, storage_cfg, class_names=class_names, max_labels=max_labels)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pipeline import storage
-from pipeline.tune.run.space import (
+from pipeline.tune.space import (
     CRF_FIELDS,
     REFINABLE,
     SearchSpec,
@@ -21,7 +21,7 @@ from pipeline.tune.run.space import (
     refine_values,
     trial_key,
 )
-from pipeline.tune.run.trials import _trial
+from pipeline.tune.trials import _trial
 
 __all__ = ["refined_values", "make_trainable", "run_search"]
 

@@ -48,8 +48,8 @@ from pipeline import storage
 from pipeline.metrics.confusion import MetricsAccumulator, summarize
 from pipeline.stages.crf import CRFConfig
 from pipeline.tune.report import render_reports
-from pipeline.tune.run.rounds import _best, _Recorder, _Rounds, make_trainable, run_search
-from pipeline.tune.run.space import (
+from pipeline.tune.rounds import _best, _Recorder, _Rounds, make_trainable, run_search
+from pipeline.tune.space import (
     _SCHEMA_VERSION,
     TRIMAP_WIDTHS,
     _canonical,
@@ -58,7 +58,7 @@ from pipeline.tune.run.space import (
     load_search,
     trial_key,
 )
-from pipeline.tune.run.trials import _table_bytes, cache_rows, compute_logits, evaluate_params
+from pipeline.tune.trials import _table_bytes, cache_rows, compute_logits, evaluate_params
 
 __all__ = ["TuneResult", "tune_crf", "crf_yaml", "tune_main"]
 

@@ -17,7 +17,7 @@ from pipeline import schema as S
 from pipeline import storage
 from pipeline.metrics.confusion import MetricsAccumulator, confusion_matrix, summarize
 from pipeline.stages.crf import CRFConfig, CRFRefiner
-from pipeline.tune.run.space import TRIMAP_WIDTHS, _canonical
+from pipeline.tune.space import TRIMAP_WIDTHS, _canonical
 
 __all__ = ["compute_logits", "cache_rows", "TrialError", "crf_masks", "score_crf", "evaluate_params"]
 

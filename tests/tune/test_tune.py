@@ -18,9 +18,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from pipeline.tune.run.rounds import _Recorder, _Rounds, make_trainable, run_search
-from pipeline.tune.run.space import grid_of, parse_search, refine_values, trial_key
-from pipeline.tune.run.trials import cache_rows, crf_masks
 
 from pipeline import schema as S
 from pipeline.config import ConfigError, load_job_config
@@ -29,6 +26,9 @@ from pipeline.model.deeplab import build_model
 from pipeline.model.weights import save_checkpoint
 from pipeline.stages.crf import CRFConfig
 from pipeline.storage import filesystem, join, list_files, read_bytes, s3_client
+from pipeline.tune.rounds import _Recorder, _Rounds, make_trainable, run_search
+from pipeline.tune.space import grid_of, parse_search, refine_values, trial_key
+from pipeline.tune.trials import cache_rows, crf_masks
 
 NUM_CLASSES = 4
 # 2 x 2 = 4 grid trials + the default, then one refine round of 3 x 3 = 9 (8 new): 13 trials.
@@ -107,7 +107,7 @@ def test_search_file_sets_ranges_lists_and_fixed_values():
     ],
 )
 def test_bad_search_file_fails_in_one_line_naming_it(tmp_path, text, named):
-    from pipeline.tune.run.space import load_search
+    from pipeline.tune.space import load_search
 
     path = tmp_path / "search.yaml"
     path.write_text(text)
@@ -246,7 +246,8 @@ def test_best_trial_reproduces_through_segment_config(tuned, segmented):
 
 def test_cached_logits_equal_the_segment_jobs(tuned, segmented, storage_cfg, ray_local):
     import ray
-    from pipeline.tune.run.trials import compute_logits
+
+    from pipeline.tune.trials import compute_logits
 
     fs, path = filesystem(tuned["doc"]["logits_cache"], storage_cfg)
     rows = cache_rows(pq.read_table(path, filesystem=fs))

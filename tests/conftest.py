@@ -66,3 +66,15 @@ def ray_local(local_s3):
         os.environ.pop("RAY_AUTH_MODE", None)
     else:
         os.environ["RAY_AUTH_MODE"] = saved
+
+
+# A test that uses one of these fixtures needs a server or a cluster: it is in the integration tier whatever its
+# file says (`make test-fast` = -m "not integration"). Tests that start a subprocess job, a browser or a
+# multi-node cluster without them carry @pytest.mark.integration themselves.
+INTEGRATION_FIXTURES = frozenset({"ray_local", "local_s3", "storage_cfg", "bucket", "s3rver"})
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

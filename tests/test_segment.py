@@ -203,6 +203,7 @@ def test_fail_fast_with_the_cause(local_s3, scenes, checkpoint, storage_cfg, buc
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.integration  # a CLI subprocess
 def test_cli_reports_bad_config_in_one_line(tmp_path):
     bad = tmp_path / "job.yaml"
     bad.write_text("input: a\noutput: b\nmodel: c\ndcnn: {batch_sise: 3}\n")

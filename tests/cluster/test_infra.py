@@ -20,7 +20,7 @@ INFRA_FILES = [
     ROOT / "infra" / "cluster-job.yaml",
     ROOT / "infra" / "check_torch.py",
     *sorted(K8S.glob("*.yaml")),
-    *sorted((ROOT / "infra" / "local").glob("*")),
+    *sorted(p for p in (ROOT / "infra" / "local").glob("*") if p.is_file()),  # not the npm folder
 ]
 # Key names and value shapes of real credentials. The local S3 placeholders live in pipeline/cluster/services.py only.
 SECRET_PATTERNS = [

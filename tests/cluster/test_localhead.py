@@ -13,6 +13,9 @@ import pytest
 
 from pipeline.cluster.localhead import LocalHead, _alive, _record, kill_recorded
 
+# Every test here starts a subprocess job, a Ray head or the demo: the integration tier.
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL = ROOT / "infra" / "local"
 

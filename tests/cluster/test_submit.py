@@ -27,6 +27,9 @@ from pipeline.cluster.submit import (
     submit_main,
 )
 
+# Every test here starts a subprocess job, a Ray head or the demo: the integration tier.
+pytestmark = pytest.mark.integration
+
 TOKEN = "test-token-5f1c0a9e2b7d4c3a"
 
 

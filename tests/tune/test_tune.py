@@ -118,6 +118,7 @@ def test_bad_search_file_fails_in_one_line_naming_it(tmp_path, text, named):
     assert "\n" not in message
 
 
+@pytest.mark.integration  # a CLI subprocess
 def test_cli_rejects_a_bad_search_file_before_loading_anything(tmp_path):
     path = tmp_path / "search.yaml"
     path.write_text("bi_xy_std: {min: 50, max: 100, step: -10}\n")

@@ -135,6 +135,11 @@ def bound_run_ahead() -> None:
     DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD = 0.0
 
 
+def crf_on_gpu(cfg: JobConfig) -> bool:
+    """crf.device cuda: the CRF runs in the DCNN actors on their GPUs, and no CRF actor pool starts."""
+    return cfg.crf is not None and cfg.crf.device == "cuda"
+
+
 def block_rows(num_todo: int, plan: PoolPlan, max_rows: int) -> int:
     """Rows per block: up to ``max_rows`` (per-block costs amortised), fewer when that would leave actors idle."""
     workers = max(plan.dcnn_size[1], plan.crf_size[1], 1)
@@ -186,8 +191,15 @@ def build_dataset(
     rows = block_rows(num_todo, plan, cfg.read.items_per_block)
     num_blocks = math.ceil(num_todo / rows)
     dcnn_pool, crf_pool = plan.ray_pools(num_blocks)
-    log.info("%d blocks of %d rows; DCNN actors %s, CRF actors %s", num_blocks, rows,
-             _fmt_pool(dcnn_pool), _fmt_pool(crf_pool) if cfg.crf else "off")  # fmt: skip
+    crf_in_dcnn = crf_on_gpu(cfg)
+    crf_text = "in the DCNN actors" if crf_in_dcnn else _fmt_pool(crf_pool) if cfg.crf else "off"
+    log.info(
+        "%d blocks of %d rows; DCNN actors %s, CRF actors %s",
+        num_blocks,
+        rows,
+        _fmt_pool(dcnn_pool),
+        crf_text,
+    )
     ds = ds.repartition(target_num_rows_per_block=rows)
     ds = ds.map_batches(  # bytes per row
         fetch_batch, fn_kwargs={"storage_cfg": cfg.storage, "max_bytes": cfg.read.max_bytes}, batch_size=None
@@ -195,7 +207,11 @@ def build_dataset(
     ds = ds.map_batches(decode_batch, fn_kwargs={"cfg": cfg.decode}, batch_size=None)  # RGB uint8 + label
     ds = ds.map_batches(  # logits: float16 (C, h, w) at stride 8, raw_mask: uint8 (H, W)
         DeepLabPredictor,
-        fn_constructor_kwargs={"cfg": cfg.dcnn, "storage_cfg": cfg.storage},
+        fn_constructor_kwargs={  # crf.device cuda: the CRF too, on the actor's GPU (mask, crf_s, crf_node)
+            "cfg": cfg.dcnn,
+            "storage_cfg": cfg.storage,
+            "crf_cfg": cfg.crf if crf_in_dcnn else None,
+        },  # fmt: skip
         batch_size=cfg.dcnn.batch_size,
         compute=ActorPoolStrategy(**dcnn_pool),
         num_gpus=plan.dcnn_num_gpus,
@@ -203,7 +219,7 @@ def build_dataset(
     )
     if cfg.crf is None:
         ds = ds.drop_columns([S.IMAGE])  # the largest column; no later stage needs it (CRF actors drop it)
-    else:
+    elif not crf_in_dcnn:
         ds = ds.map_batches(  # mask: uint8 (H, W); a block per call, one dense CRF at a time per actor process
             CRFRefiner,
             fn_constructor_kwargs={"cfg": cfg.crf},
@@ -439,8 +455,8 @@ def run_single_process(
     """The same stages in one process, no Ray: the reference the tests and benchmarks compare the cluster run with."""
     from pipeline.stages.dcnn import DeepLabPredictor
 
-    predictor = DeepLabPredictor(cfg.dcnn, cfg.storage)
-    refiner = CRFRefiner(cfg.crf) if cfg.crf is not None else None
+    predictor = DeepLabPredictor(cfg.dcnn, cfg.storage, crf_cfg=cfg.crf if crf_on_gpu(cfg) else None)
+    refiner = CRFRefiner(cfg.crf) if cfg.crf is not None and not crf_on_gpu(cfg) else None
     statuses: Counter = Counter()
     t0 = time.monotonic()
     for start in range(0, len(items), batch_size):

@@ -102,6 +102,10 @@ def _prepare(cfg: JobConfig, crf_raw: dict[str, Any] | None) -> tuple[JobConfig,
         raise JobError(str(e)) from e
     meta, digest = load_model_meta(cfg)
     cfg = resolve_crf(cfg, meta["variant"], crf_raw or {})
+    if cfg.crf is not None and cfg.crf.device == "cuda" and cfg.dcnn.device == "cpu":
+        raise JobError(
+            "crf.device is 'cuda' but dcnn.device is 'cpu': the CRF runs beside the DCNN on its GPU"
+        )
     cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, num_classes=meta["num_classes"]))
     return cfg, meta, digest
 
@@ -124,7 +128,12 @@ def _plan(cfg: JobConfig, index: Any, *, run_id: str, clear_old_plans: bool = Fa
 
 
 def _identity(cfg: JobConfig, digest: str) -> dict:
-    crf = dataclasses.asdict(cfg.crf) if cfg.crf is not None else None
+    # Where the CRF runs is not what it computes: crf.device stays out of the output's identity.
+    crf = (
+        {k: v for k, v in dataclasses.asdict(cfg.crf).items() if k != "device"}
+        if cfg.crf is not None
+        else None
+    )
     return identity_of(cfg.read.input_uri, cfg.read.labels_uri, cfg.read.split, digest, crf)
 
 
@@ -159,7 +168,14 @@ def run_segment(
 
 def _run_leased(cfg: JobConfig, meta: dict, digest: str, lease: Lease, t0: float) -> dict:
     from pipeline.cluster.pools import plan_cluster_pools
-    from pipeline.flow import build_dataset, duplicate_inputs, execute, index_output, verify_output
+    from pipeline.flow import (
+        build_dataset,
+        crf_on_gpu,
+        duplicate_inputs,
+        execute,
+        index_output,
+        verify_output,
+    )
 
     refusal = _storage_step(
         check_identity, cfg.write.output_uri, cfg.storage, _identity(cfg, digest),
@@ -189,7 +205,12 @@ def _run_leased(cfg: JobConfig, meta: dict, digest: str, lease: Lease, t0: float
         job_plan.retried, cfg.write.retry_errors, meta["variant"], digest[:12], "on" if cfg.crf else "off",
     )  # fmt: skip
 
-    plan = plan_cluster_pools(cfg.pools, crf_enabled=cfg.crf is not None)
+    plan = plan_cluster_pools(cfg.pools, crf_enabled=cfg.crf is not None and not crf_on_gpu(cfg))
+    if crf_on_gpu(cfg) and plan.dcnn_num_gpus == 0:
+        raise JobError(
+            "crf.device is 'cuda' but the DCNN actors are planned without GPUs (the cluster has and may grow to "
+            "none): set crf.device: cpu, or add GPU nodes"
+        )
     encode_cfg = EncodeConfig(
         num_classes=meta["num_classes"], model_variant=meta["variant"], model_digest=digest,
         max_retries=cfg.write.max_retries,
@@ -297,7 +318,7 @@ def dry_run_segment(
     import ray
 
     from pipeline.cluster.pools import cluster_maxima, plan_pools
-    from pipeline.flow import index_files
+    from pipeline.flow import crf_on_gpu, index_files
     from pipeline.storage import join
 
     cfg, meta, digest = _prepare(cfg, crf_raw)
@@ -315,7 +336,8 @@ def dry_run_segment(
     job_plan = _plan(cfg, index, run_id="dry-run", write_files=False)
     resources = ray.cluster_resources()
     # What a run would plan, without its request for missing resources and its wait for them.
-    plan = plan_pools(resources, cfg.pools, crf_enabled=cfg.crf is not None, maxima=cluster_maxima())
+    crf_pool = cfg.crf is not None and not crf_on_gpu(cfg)
+    plan = plan_pools(resources, cfg.pools, crf_enabled=crf_pool, maxima=cluster_maxima())
     return {
         "input": cfg.read.input_uri,
         "output": cfg.write.output_uri,

@@ -345,3 +345,14 @@ def test_a_failing_report_does_not_fail_a_finished_job(ray_local, tmp_path, ckpt
     assert manifest["counts"]["rows"] == 6 and "Unknown symbol" in manifest["metrics"]["error"]
     written = json.loads((out / "_manifest.json").read_text())
     assert written["metrics"]["next"].startswith("deeplab evaluate --masks")
+
+
+def test_crf_on_cuda_without_a_gpu_fails_at_start_up_in_one_line(ray_local, tmp_path, ckpt):
+    scenes = _scenes(str(tmp_path / "voc"), LOCAL, count=2)
+    cfg, crf_raw = job(scenes, str(tmp_path / "out"), ckpt, LOCAL, crf={"backend": "torch", "device": "cuda"})
+    with pytest.raises(
+        JobError, match="crf.device is 'cuda' but the DCNN actors are planned without GPUs"
+    ) as err:
+        run_segment(cfg, crf_raw)
+    assert len(str(err.value).splitlines()) == 1
+    assert not (tmp_path / "out" / "masks").exists()  # before any work

@@ -327,6 +327,7 @@ def refine_probs(image: np.ndarray | Tensor, probs: Tensor, cfg: CRFConfig) -> n
     return refine_probs_batch([image], [probs], cfg)[0]
 
 
+@torch.inference_mode()
 def refine_probs_batch(
     images: Sequence[np.ndarray | Tensor], probs: Sequence[Tensor], cfg: CRFConfig
 ) -> list[np.ndarray]:

@@ -168,6 +168,39 @@ def run_samples(args: argparse.Namespace, cfg: CRFConfig) -> None:
         )
 
 
+# --- the torch backend on a device (bench/gpu_check.py) -------------------------------------------------
+
+
+def crf_samples(count: int, *, seed: int = 300, size: tuple[int, int] = (HEIGHT, WIDTH)) -> list[tuple]:
+    """(image, probs) pairs: 21-label scenes with DeepLab-like scores, tiled up to ``size`` (H, W)."""
+    out = []
+    reps = (-(-size[0] // HEIGHT), -(-size[1] // WIDTH))
+    for i in range(count):
+        image, label = make_scene(HEIGHT, WIDTH, seed=seed + i, num_classes=21)
+        probs = simulate_scores(label, 21, seed=seed + i)
+        image = np.tile(image, (*reps, 1))[: size[0], : size[1]].copy()
+        out.append((image, np.tile(probs, (1, *reps))[:, : size[0], : size[1]].copy()))
+    return out
+
+
+def timed_crf(images: list, probs_dev: list, cfg, device: str) -> tuple:
+    """(labels per image, seconds, peak device GiB above the inputs) of one torch-backend CRF call on ``device``
+    (several images: one batch, as the DCNN actor refines a sub-batch)."""
+    import torch
+
+    from pipeline.stages.crf_torch import refine_probs_batch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    labels = refine_probs_batch(images, probs_dev, cfg)  # returns host labels: synchronised
+    seconds = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
+    return labels, seconds, peak
+
+
 # --- memory ----------------------------------------------------------------------------------------------------
 
 

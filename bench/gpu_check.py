@@ -385,40 +385,6 @@ def check_end_to_end(
 CRF_BAR = 0.999  # pixels of the torch CRF backend equal to pydensecrf's labels (docs/crf-backends.md)
 
 
-def crf_samples(count: int, *, seed: int = 300, size: tuple[int, int] = SCENE_HW) -> list[tuple]:
-    """(image, probs) pairs: 21-label scenes with DeepLab-like scores, tiled up to ``size`` (H, W)."""
-    import numpy as np
-
-    from pipeline.demo.scenes import make_scene, simulate_scores
-
-    out = []
-    reps = (-(-size[0] // SCENE_HW[0]), -(-size[1] // SCENE_HW[1]))
-    for i in range(count):
-        image, label = make_scene(*SCENE_HW, seed=seed + i, num_classes=21)
-        probs = simulate_scores(label, 21, seed=seed + i)
-        image = np.tile(image, (*reps, 1))[: size[0], : size[1]].copy()
-        out.append((image, np.tile(probs, (1, *reps))[:, : size[0], : size[1]].copy()))
-    return out
-
-
-def timed_crf(images: list, probs_dev: list, cfg, device: str) -> tuple:
-    """(labels per image, seconds, peak device GiB above the inputs) of one torch-backend CRF call on ``device``
-    (several images: one batch, as the DCNN actor refines a sub-batch)."""
-    import torch
-
-    from pipeline.stages.crf_torch import refine_probs_batch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    t0 = time.perf_counter()
-    labels = refine_probs_batch(images, probs_dev, cfg)  # returns host labels: synchronised
-    seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
-    return labels, seconds, peak
-
-
 def check_crf_backend(device: str, num_images: int) -> list[str]:
     """The torch CRF backend on ``device`` vs pydensecrf on the CPU: VOC-size scenes, 21 labels, LargeFOV's
     parameters, unpruned (the direct call's model), with the stage's pruning, and all images in one batch."""
@@ -426,7 +392,7 @@ def check_crf_backend(device: str, num_images: int) -> list[str]:
 
     import torch
 
-    from bench.crf_backends import direct_pydensecrf
+    from bench.crf_backends import crf_samples, direct_pydensecrf, timed_crf
     from pipeline.stages.crf import crf_config_for
 
     base = crf_config_for("deeplab-largefov", backend="torch", device=device)
@@ -480,6 +446,7 @@ def check_crf_sizes(device: str) -> list[str]:
     """Memory and time per image size: the torch backend, 21 labels unpruned (the worst case), until one fails."""
     import torch
 
+    from bench.crf_backends import crf_samples, timed_crf
     from pipeline.stages.crf import crf_config_for
 
     cfg = crf_config_for("deeplab-largefov", backend="torch", device=device, prune_threshold=0.0)

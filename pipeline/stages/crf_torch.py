@@ -327,13 +327,15 @@ def refine_probs(image: np.ndarray | Tensor, probs: Tensor, cfg: CRFConfig) -> n
     return refine_probs_batch([image], [probs], cfg)[0]
 
 
+@torch.inference_mode()
 def refine_probs_batch(
     images: Sequence[np.ndarray | Tensor], probs: Sequence[Tensor], cfg: CRFConfig
 ) -> list[np.ndarray]:
     """refine_probs for several images in one mean field (fewer, larger kernels on a GPU); same labels per image.
 
-    Pruning as crf.refine, per image: labels below ``cfg.prune_threshold`` everywhere in an image are dropped from
-    its CRF (no padding, which only helps pydensecrf's SSE). The batch runs the union of the kept labels; a label
+    Pruning as crf.refine, per image (``cfg.prune_*``: labels below ``prune_threshold`` everywhere, and faint
+    labels that are almost never the raw argmax, are dropped from its CRF; no padding, which only helps
+    pydensecrf's SSE). The batch runs the union of the kept labels; a label
     an image dropped gets an inert energy there (zero mass from the start, as if absent). Raises ValueError for
     non-finite probabilities or a size mismatch (the whole batch: the caller retries rows one by one).
     """
@@ -355,7 +357,7 @@ def refine_probs_batch(
             raise ValueError("probs: expected finite values, got NaN/inf (non-finite DCNN logits)")
         imgs.append(img)
         flat.append(p)
-        kept.append(_kept(p, cfg.prune_threshold))  # (C,) bool
+        kept.append(_kept(p, cfg))  # (C,) bool
     union = torch.nonzero(torch.stack(kept).any(dim=0)).flatten()  # (K,)
     if union.numel() == 1:  # every image kept just this label: mean field can only return it
         labels = [union.expand(p.shape[1]) for p in flat]
@@ -372,12 +374,25 @@ def refine_probs_batch(
     ]
 
 
-def _kept(p: Tensor, threshold: float) -> Tensor:
-    """crf._kept_labels on a device: labels whose probability reaches ``threshold`` somewhere, as a (C,) mask."""
+def _kept(p: Tensor, cfg: CRFConfig) -> Tensor:
+    """crf._kept_labels on the device, as a (C,) mask: labels that reach ``prune_threshold`` somewhere, less the faint
+    ones (never ``prune_confident_prob``) that are the raw argmax of at most ``prune_argmax_frac`` of the pixels."""
+    num_labels, num_pixels = p.shape
     peak = p.amax(dim=1)  # (C,)
-    if threshold <= 0:
-        return torch.ones_like(peak, dtype=torch.bool)
-    keep = peak >= threshold
-    if not bool(keep.any()):  # not for a softmax (some label reaches 1/C); keep the best one anyway
-        keep[peak.argmax()] = True
-    return keep
+    mask = torch.zeros(num_labels, dtype=torch.bool, device=p.device)
+    if cfg.prune_threshold <= 0:
+        return ~mask
+    keep = torch.nonzero(peak >= cfg.prune_threshold).flatten()  # (K,)
+    if keep.numel() == 0:  # not for a softmax (some label reaches 1/C); keep the best one anyway
+        keep = peak.argmax().reshape(1)
+    faint = peak[keep] < cfg.prune_confident_prob
+    if keep.numel() > 2 and bool(faint.any()):  # two labels already run at the lowest cost
+        area = torch.bincount(
+            p[keep].argmax(dim=0), minlength=keep.numel()
+        )  # raw argmax pixels per kept label
+        drop = faint & (area <= cfg.prune_argmax_frac * num_pixels)
+        if bool(drop.all()):
+            drop[peak[keep].argmax()] = False
+        keep = keep[~drop]
+    mask[keep] = True
+    return mask

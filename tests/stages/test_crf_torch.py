@@ -254,6 +254,25 @@ def test_crf_device_and_backend_are_checked():
     assert CRFConfig(backend="torch").device == "cpu"
 
 
+def test_pruning_on_the_device_keeps_the_labels_crf_refine_keeps():
+    """The DCNN actor prunes on the GPU (crf_torch._kept); crf.refine prunes on the host: same labels, on scenes
+    and on a photo whose colour-region labels leave faint labels (the prune_confident_prob / argmax-area rule)."""
+    from pipeline.stages.crf import _kept_labels
+    from pipeline.stages.crf_torch import _kept
+
+    cases = [simulate_scores(make_scene(96, 128, seed=s, num_classes=21)[1], 21, seed=s) for s in (70, 71)]
+    cases.append(simulate_scores(_photo_labels(_grace_hopper(240, 210), 21, seed=0), 21, seed=3))
+    faint_rule_fired = False
+    for probs in cases:
+        for cfg in (crf_config_for("deeplab-largefov"), crf_config_for("deeplab", prune_threshold=0.05)):
+            expected = _kept_labels(probs, cfg)
+            got = torch.nonzero(_kept(torch.from_numpy(probs).reshape(21, -1), cfg)).flatten().numpy()
+            assert np.array_equal(got, expected)
+            loose = dataclasses.replace(cfg, prune_confident_prob=0.0)
+            faint_rule_fired |= len(_kept_labels(probs, loose)) > len(expected)
+    assert faint_rule_fired  # the cases exercise the second rule, not only the threshold
+
+
 def test_refine_probs_on_tensors_equals_refine():
     """The DCNN actor's entry (tensors on its device, no host copy) gives refine's labels, pruning included."""
     image, label = make_scene(72, 96, seed=8, num_classes=21)
@@ -304,7 +323,7 @@ def test_predictor_with_a_crf_config_emits_the_crf_stages_columns(tiny_checkpoin
     from pipeline.stages.dcnn import DCNNConfig, DeepLabPredictor
 
     dcnn_cfg = DCNNConfig(model_uri=tiny_checkpoint, device="cpu", min_input_size=1)
-    crf_cfg = crf_config_for("deeplab-largefov", backend="torch", prune_threshold=0.0)
+    crf_cfg = crf_config_for("deeplab-largefov", backend="torch")  # the stage's pruning on both paths
 
     images = np.empty(3, dtype=object)
     for i in range(3):

@@ -83,8 +83,8 @@ def model_probs(images: list[np.ndarray]) -> list[np.ndarray]:
     """The shipped demo model's softmax (C, H, W) per image, as the job computes it (stride 8, x8 upsampling)."""
     import torch
 
+    from pipeline.model.inference import predict_probs
     from pipeline.model.weights import load_checkpoint
-    from pipeline.stages.dcnn import predict_probs
 
     torch.set_num_threads(1)
     model, _ = load_checkpoint(str(MODEL))

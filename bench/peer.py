@@ -118,8 +118,8 @@ def peer_script(paths: list[Path], out_dir: Path) -> dict:
     import torch
     from PIL import Image
 
+    from pipeline.model.inference import predict_probs
     from pipeline.model.weights import load_checkpoint
-    from pipeline.stages.dcnn import predict_probs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start, c_start = time.monotonic(), time.process_time()

@@ -34,8 +34,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,22 +42,25 @@ import torch
 from torch import Tensor
 
 from pipeline import schema
-from pipeline.model.deeplab import OUTPUT_STRIDE, DeepLab, upsample_logits
-from pipeline.model.weights import CAFFE_MEAN_BGR, load_checkpoint
+from pipeline.model.deeplab import OUTPUT_STRIDE, upsample_logits
+from pipeline.model.inference import _check_image, _forward, _groups
+from pipeline.model.weights import load_checkpoint
 from pipeline.stages.crf import CRFConfig
+from pipeline.stages.devices import (
+    _OOM_ROW,
+    MAX_FAULT_RESTARTS,
+    DeviceFault,
+    _exit_process,
+    _free_memory,
+    _is_device_fault,
+    _is_oom,
+    _ray_gpu_ids,
+    _sync,
+    resolve_device,
+)
 from pipeline.storage import StorageConfig
 
-__all__ = [
-    "DCNNConfig",
-    "DeepLabPredictor",
-    "DeviceFault",
-    "resolve_device",
-    "padded_size",
-    "logits_size",
-    "preprocess",
-    "predict_logits",
-    "predict_probs",
-]
+__all__ = ["DCNNConfig", "DeepLabPredictor"]
 
 log = logging.getLogger(__name__)
 
@@ -112,302 +114,6 @@ class DCNNConfig:
             raise ValueError(f"dcnn.num_threads must be >= 1 or None, got {self.num_threads}")
         if self.max_batch_pixels is not None and self.max_batch_pixels < 1:
             raise ValueError(f"dcnn.max_batch_pixels must be >= 1 or None, got {self.max_batch_pixels}")
-
-
-# --- geometry ---------------------------------------------------------------------------------------------------
-
-
-def padded_size(
-    height: int, width: int, *, crop_size: int, min_input_size: int | None = None
-) -> tuple[int, int]:
-    """Canonical network input size for an image: >= max(image, min_input_size), == crop_size (mod 8)."""
-    floor = crop_size if min_input_size is None else min_input_size
-
-    def side(n: int) -> int:
-        n = max(n, floor)
-        return n + (crop_size - n) % OUTPUT_STRIDE
-
-    return side(height), side(width)
-
-
-def logits_size(height: int, width: int, *, offset: int) -> tuple[int, int]:
-    """Rows/columns of stride-8 logits that ``upsample_logits`` needs for an (height, width) crop at ``offset``."""
-
-    def side(n: int) -> int:
-        return -(-(offset + n - 1) // OUTPUT_STRIDE) + 1  # ceil((offset + n - 1) / 8) + 1
-
-    return side(height), side(width)
-
-
-# --- preprocessing ----------------------------------------------------------------------------------------------
-
-
-def _check_image(image: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        desc = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"expected an RGB uint8 (H, W, 3) image, got {desc}")
-    if image.shape[0] < 1 or image.shape[1] < 1:
-        raise ValueError(f"expected a non-empty image, got shape {image.shape}")
-
-
-def preprocess(images: Sequence[np.ndarray], *, size: tuple[int, int] | None = None) -> Tensor:
-    """RGB uint8 (H, W, 3) images -> (N, 3, size) float32: BGR minus the Caffe mean, padded bottom/right with 0.
-
-    ``size`` defaults to the largest height and width in ``images`` (no padding beyond that). Inputs may be
-    read-only; they are never modified.
-    """
-    if not images:
-        raise ValueError("preprocess needs at least one image, got none")
-    for image in images:
-        _check_image(image)
-    if size is None:
-        size = (max(im.shape[0] for im in images), max(im.shape[1] for im in images))
-    out = np.zeros((len(images), 3, *size), dtype=np.float32)
-    mean = np.asarray(CAFFE_MEAN_BGR, dtype=np.float32)
-    for i, image in enumerate(images):
-        h, w = image.shape[:2]
-        if h > size[0] or w > size[1]:
-            raise ValueError(f"image {i} is {h}x{w}, larger than the padded size {size[0]}x{size[1]}")
-        bgr = image[:, :, ::-1].astype(np.float32) - mean  # (H, W, 3) BGR, a fresh array
-        out[i, :, :h, :w] = bgr.transpose(2, 0, 1)
-    return torch.from_numpy(out)
-
-
-# --- inference --------------------------------------------------------------------------------------------------
-
-
-def _model_device(model: DeepLab) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _groups(
-    images: Sequence[np.ndarray],
-    *,
-    crop_size: int,
-    min_input_size: int | None,
-    batch_size: int,
-    max_batch_pixels: int | None = None,
-) -> Iterator[tuple[tuple[int, int], list[int]]]:
-    """(padded size, indices) chunks of equal padded size, in input order: at most ``batch_size`` images and
-    ``max_batch_pixels`` padded pixels each (but always at least one image)."""
-    by_size: dict[tuple[int, int], list[int]] = {}
-    for i, image in enumerate(images):
-        key = padded_size(image.shape[0], image.shape[1], crop_size=crop_size, min_input_size=min_input_size)
-        by_size.setdefault(key, []).append(i)
-    for size, indices in by_size.items():
-        per_batch = batch_size
-        if max_batch_pixels is not None:
-            per_batch = max(1, min(batch_size, max_batch_pixels // (size[0] * size[1])))
-        for start in range(0, len(indices), per_batch):
-            yield size, indices[start : start + per_batch]
-
-
-def _forward(
-    model: DeepLab,
-    images: Sequence[np.ndarray],
-    size: tuple[int, int],
-    *,
-    device: torch.device,
-    autocast: str,
-    channels_last: bool,
-) -> list[Tensor]:
-    """One sub-batch -> per-image float32 logits on ``device``, cropped to what upsampling needs."""
-    x = preprocess(images, size=size).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    ctx = (
-        torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[autocast]) if autocast != "none" else nullcontext()
-    )
-    with ctx:
-        out = model(x)  # (N, C, h, w), stride 8
-    out = out.float()
-    result = []
-    for i, image in enumerate(images):
-        lh, lw = logits_size(image.shape[0], image.shape[1], offset=model.upsample_offset)
-        result.append(out[i, :, :lh, :lw])
-    return result
-
-
-def predict_logits(
-    model: DeepLab,
-    images: Sequence[np.ndarray],
-    *,
-    device: str | torch.device | None = None,
-    batch_size: int = 4,
-    min_input_size: int | None = None,
-    autocast: str = "none",
-    channels_last: bool = False,
-) -> list[Tensor]:
-    """Stride-8 logits per image, float32 (C, h, w) on the model's device, cropped to what upsampling needs.
-
-    ``upsample_logits(logits[i], H_i, W_i, offset=model.upsample_offset)`` gives image-sized scores. The model
-    should be in eval mode (dropout); ``device`` defaults to where the model is (the model is moved if given).
-    """
-    dev = _model_device(model) if device is None else torch.device(device)
-    if device is not None:
-        model.to(dev)
-    results: list[Tensor | None] = [None] * len(images)
-    with torch.inference_mode():
-        for size, idx in _groups(
-            images, crop_size=model.crop_size, min_input_size=min_input_size, batch_size=batch_size
-        ):
-            chunk = [images[i] for i in idx]
-            outs = _forward(model, chunk, size, device=dev, autocast=autocast, channels_last=channels_last)
-            for i, out in zip(idx, outs, strict=True):
-                results[i] = out
-    return results  # type: ignore[return-value]
-
-
-def predict_probs(
-    model: DeepLab,
-    images: Sequence[np.ndarray],
-    *,
-    device: str | torch.device | None = None,
-    batch_size: int = 4,
-    min_input_size: int | None = None,
-    autocast: str = "none",
-    channels_last: bool = False,
-) -> list[np.ndarray]:
-    """The Caffe test pipeline: RGB uint8 images of any size -> float32 (C, H, W) softmax probabilities each.
-
-    Preprocess and pad, forward at stride 8, x8 bilinear (align_corners) upsampling, crop at the model's offset,
-    softmax over classes. Runs where the model is (CUDA included) unless ``device`` says otherwise.
-    """
-    logits = predict_logits(
-        model,
-        images,
-        device=device,
-        batch_size=batch_size,
-        min_input_size=min_input_size,
-        autocast=autocast,
-        channels_last=channels_last,
-    )
-    out = []
-    with torch.inference_mode():
-        for image, lg in zip(images, logits, strict=True):
-            up = upsample_logits(lg, image.shape[0], image.shape[1], offset=model.upsample_offset)
-            out.append(torch.softmax(up, dim=0).cpu().numpy())
-    return out
-
-
-# --- device ---------------------------------------------------------------------------------------------------
-
-
-class DeviceFault(RuntimeError):
-    """A device error that poisons the process (CUDA context), not the image: no later row here can be trusted."""
-
-
-# Substrings of torch's messages. Out of memory is checked first: "CUDA error: out of memory" is an OOM too.
-_OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "can't allocate memory")
-_FAULT_MARKERS = (
-    "CUDA error",
-    "CUDA driver error",
-    "cuDNN error",
-    "CUDNN_STATUS_",
-    "CUBLAS_STATUS_",
-    "CUFFT_",
-    "no kernel image is available",
-    "illegal memory access",
-    "illegal instruction",
-    "device-side assert",
-    "unspecified launch failure",
-    "uncorrectable ECC error",
-)
-# How often the same batch may take a fresh actor on one node before the job fails instead (a poison input).
-MAX_FAULT_RESTARTS = 3
-
-
-_OOM_ROW = "out of memory for one"  # how a row's error starts when even a batch of one did not fit
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and any(m in str(exc) for m in _OOM_MARKERS)
-    )
-
-
-def _is_device_fault(exc: BaseException) -> bool:
-    if _is_oom(exc):
-        return False
-    accelerator_error = getattr(torch, "AcceleratorError", ())
-    return isinstance(exc, DeviceFault | accelerator_error) or (
-        isinstance(exc, RuntimeError) and any(m in str(exc) for m in _FAULT_MARKERS)
-    )
-
-
-def _ray_gpu_ids() -> list | None:
-    """GPU ids Ray assigned to this actor; None when this process is not a Ray actor (driver, tests, scripts)."""
-    ray = sys.modules.get(
-        "ray"
-    )  # only when already imported: every Ray worker has it, importing it costs ~1 s
-    if ray is None or not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
-        return None
-    return list(ray.get_gpu_ids())
-
-
-def _cuda_unavailable(why: str) -> RuntimeError:
-    """The cause of torch not seeing CUDA, in one message: CPU wheel, driver, or hidden devices."""
-    if torch.version.cuda is None:
-        cause = (
-            f"this torch ({torch.__version__}) is a CPU-only build: install a CUDA wheel (infra/Dockerfile)"
-        )
-    else:
-        try:
-            torch.cuda.init()
-            detail = "torch.cuda.init() raised nothing"
-        except Exception as e:  # the driver's own reason: no driver, too old for CUDA x, no device
-            detail = f"{type(e).__name__}: {e}"
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        cause = (
-            f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device "
-            f"(CUDA_VISIBLE_DEVICES={visible!r}; check the NVIDIA driver with nvidia-smi): {detail}"
-        )
-    return RuntimeError(f"{why}, but {cause}")
-
-
-def resolve_device(requested: str) -> torch.device:
-    """The DCNN's device. In a Ray actor: CUDA exactly when Ray assigned GPUs (``ray.get_gpu_ids()``); an actor
-    without GPUs hides them from this process before anything touches CUDA. Elsewhere: ``auto`` = CUDA if
-    torch sees it. A GPU that torch cannot use fails here, naming the cause."""
-    gpu_ids = _ray_gpu_ids()
-    if gpu_ids is None:
-        if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
-            return torch.device("cpu")
-        if not torch.cuda.is_available():
-            raise _cuda_unavailable("dcnn.device is 'cuda'")
-        return torch.device("cuda", 0)
-    if not gpu_ids:  # planned on CPU, maybe on a GPU node: never create a CUDA context on another actor's GPU
-        if requested == "cuda":
-            raise ValueError(
-                "dcnn.device is 'cuda' but Ray assigned this actor no GPU (its pool plan has no num_gpus)"
-            )
-        if not torch.cuda.is_initialized():
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        return torch.device("cpu")
-    if requested == "cpu":
-        log.warning(
-            "dcnn.device is 'cpu' although Ray assigned GPUs %s to this actor: they stay idle", gpu_ids
-        )
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise _cuda_unavailable(f"Ray assigned GPUs {gpu_ids} to this DCNN actor")
-    return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned ids: the first is cuda:0
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued kernels, so a timer read next measures them (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _free_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _exit_process(code: int) -> None:  # a seam for tests
-    logging.shutdown()  # flush the log line that says why
-    os._exit(code)
 
 
 # --- Ray Data stage ---------------------------------------------------------------------------------------------

@@ -14,19 +14,11 @@ import torch
 
 from pipeline import schema
 from pipeline.model.deeplab import build_model, upsample_logits
+from pipeline.model.inference import logits_size, padded_size, predict_logits, predict_probs, preprocess
 from pipeline.model.weights import VOC_CLASSES, save_checkpoint
-from pipeline.stages import dcnn
-from pipeline.stages.dcnn import (
-    DCNNConfig,
-    DeepLabPredictor,
-    DeviceFault,
-    logits_size,
-    padded_size,
-    predict_logits,
-    predict_probs,
-    preprocess,
-    resolve_device,
-)
+from pipeline.stages import dcnn, devices
+from pipeline.stages.dcnn import DCNNConfig, DeepLabPredictor
+from pipeline.stages.devices import DeviceFault, resolve_device
 
 torch.set_num_threads(1)
 
@@ -267,7 +259,7 @@ def test_device_follows_rays_gpu_assignment(monkeypatch):
         raise AssertionError("a CPU-plan actor must not query CUDA")
 
     # A CPU-plan actor (no GPU ids) on a GPU node: CPU, and the GPUs hidden from this process before any CUDA call.
-    monkeypatch.setattr(dcnn, "_ray_gpu_ids", lambda: [])
+    monkeypatch.setattr(devices, "_ray_gpu_ids", lambda: [])
     monkeypatch.setattr(torch.cuda, "is_available", untouchable)
     assert resolve_device("auto") == torch.device("cpu")
     assert dcnn.os.environ["CUDA_VISIBLE_DEVICES"] == ""
@@ -275,7 +267,7 @@ def test_device_follows_rays_gpu_assignment(monkeypatch):
         resolve_device("cuda")
 
     # Given a GPU: CUDA, or a start-up failure that names the cause.
-    monkeypatch.setattr(dcnn, "_ray_gpu_ids", lambda: [3])
+    monkeypatch.setattr(devices, "_ray_gpu_ids", lambda: [3])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -292,18 +284,18 @@ def test_device_follows_rays_gpu_assignment(monkeypatch):
         resolve_device("auto")
 
     # Outside Ray (driver, tests): auto = what torch sees.
-    monkeypatch.setattr(dcnn, "_ray_gpu_ids", lambda: None)
+    monkeypatch.setattr(devices, "_ray_gpu_ids", lambda: None)
     assert resolve_device("auto") == torch.device("cpu")
     with pytest.raises(RuntimeError, match="dcnn.device is 'cuda'.*Found no NVIDIA driver"):
         resolve_device("cuda")
 
 
 def test_ray_gpu_ids_is_none_outside_an_actor():
-    assert dcnn._ray_gpu_ids() is None  # no Ray in this process, or a driver: not an actor's assignment
+    assert devices._ray_gpu_ids() is None  # no Ray in this process, or a driver: not an actor's assignment
 
 
 def test_gpu_actor_without_cuda_fails_at_start(checkpoint, monkeypatch):
-    monkeypatch.setattr(dcnn, "_ray_gpu_ids", lambda: [0])
+    monkeypatch.setattr(devices, "_ray_gpu_ids", lambda: [0])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.version, "cuda", None)
     with pytest.raises(RuntimeError, match="CPU-only build"):
@@ -334,9 +326,9 @@ def test_tf32_off_unless_allowed():
 def test_timers_wait_for_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
-    dcnn._sync(torch.device("cpu"))
+    devices._sync(torch.device("cpu"))
     assert calls == []
-    dcnn._sync(torch.device("cuda", 0))
+    devices._sync(torch.device("cuda", 0))
     assert calls == [torch.device("cuda", 0)]
 
 

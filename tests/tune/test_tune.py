@@ -287,7 +287,7 @@ def test_cached_logits_equal_the_segment_jobs(tuned, segmented, storage_cfg, ray
 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(ray_local, tmp_path):
     """pos_xy_std 0.01 on a 10001-pixel-wide image exceeds the CRF's feature bound: that trial fails, not the search."""
-    from pipeline.stages.dcnn import logits_size
+    from pipeline.model.inference import logits_size
     from pipeline.storage import StorageConfig
 
     rng = np.random.default_rng(0)

@@ -11,6 +11,23 @@ from pipeline.cluster.services import LOCAL_S3_ENV, LocalS3
 from pipeline.storage import StorageConfig, s3_client
 
 
+@pytest.fixture
+def fresh_clients():
+    """This process's cached boto3 session (and its credentials), clients and pyarrow filesystems, dropped before
+    and after the test: for a test that changes the credentials or endpoint in os.environ."""
+    from pipeline import storage
+
+    def clear() -> None:
+        storage._boto_session.cache_clear()
+        storage.s3_client.cache_clear()
+        storage.bucket_region.cache_clear()
+        storage._filesystems.clear()
+
+    clear()
+    yield
+    clear()
+
+
 @pytest.fixture(scope="session")
 def s3rver():
     """s3rver (npm) on 127.0.0.1 with a free port and one bucket, ``data``; its credentials are in

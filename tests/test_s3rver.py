@@ -28,7 +28,7 @@ MODEL = ROOT / "pipeline" / "assets" / "demo-largefov.pt"
 
 
 @pytest.fixture
-def s3rver_env(s3rver, monkeypatch):
+def s3rver_env(s3rver, monkeypatch, fresh_clients):
     """This process sees s3rver through the AWS environment only (as a user's shell would)."""
     for name in [n for n in os.environ if n.startswith("AWS_")]:
         monkeypatch.delenv(name)
@@ -75,9 +75,10 @@ def _deeplab(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Comp
     return proc
 
 
-def test_whole_workflow_through_the_cli_with_only_endpoint_and_credentials(s3rver, tmp_path):
+def test_whole_workflow_through_the_cli_with_only_endpoint_and_credentials(s3rver_env, tmp_path):
     """make-scenes, segment, evaluate, export and a re-run that processes nothing, against s3rver, with nothing
     but AWS_ENDPOINT_URL and the credentials in the environment (no --endpoint-url, no region, no config)."""
+    s3rver = s3rver_env
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_"))}
     env.update(
         {**S3RVER_ENV, "AWS_ENDPOINT_URL": s3rver.endpoint_url, "DEEPLAB_LOG_DIR": str(tmp_path / "logs")}
@@ -101,7 +102,6 @@ def test_whole_workflow_through_the_cli_with_only_endpoint_and_credentials(s3rve
     assert "errors        0" in first.stdout, first.stdout  # the scenes' classes are the model's (6)
 
     cfg = StorageConfig(endpoint_url=s3rver.endpoint_url)  # this process reads what the commands wrote
-    os.environ.update(S3RVER_ENV)  # the runner's own reads (s3rver checks the access key id)
     manifest_text = read_bytes(f"{out}/_manifest.json", cfg).decode()
     storage = json.loads(manifest_text)["config"]["storage"]
     assert storage["endpoint_url"] == s3rver.endpoint_url

@@ -125,21 +125,6 @@ print(json.dumps({"Version": 1, "AccessKeyId": key["AccessKeyId"], "SecretAccess
 """
 
 
-@pytest.fixture
-def fresh_clients():
-    """This process's cached sessions, clients and filesystems, dropped before and after the test."""
-
-    def clear() -> None:
-        storage._boto_session.cache_clear()
-        storage.s3_client.cache_clear()
-        storage.bucket_region.cache_clear()
-        storage._filesystems.clear()
-
-    clear()
-    yield
-    clear()
-
-
 @pytest.mark.integration
 def test_credentials_rotate_during_a_run(tmp_path, monkeypatch, fresh_clients):
     """A moto server that checks access keys (IAM auth on): the key in use is deleted mid-run, the credential

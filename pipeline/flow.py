@@ -362,7 +362,7 @@ def plan_job(
     fmt = read_cfg.input_format
     if fmt == "auto":
         fmt = detect_format(read_cfg.input_uri, storage_cfg)
-    source = plan_source(read_cfg.input_uri, fmt, read_cfg.labels_uri, storage_cfg)
+    source = plan_source(read_cfg.input_uri, fmt, read_cfg.labels_uri, storage_cfg, read_cfg.allowed_prefixes)
     split_ids = None
     if read_cfg.split and fmt == "voc":
         split_ids = frozenset(read_split(read_cfg.input_uri, read_cfg.split, storage_cfg))

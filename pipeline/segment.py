@@ -15,6 +15,8 @@ from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
+from botocore.exceptions import BotoCoreError, ClientError
+
 from pipeline import schema as S
 from pipeline.cluster.ray_init import init_ray
 from pipeline.config import JobConfig, resolve_crf
@@ -22,6 +24,7 @@ from pipeline.model.weights import checkpoint_digest, load_checkpoint_bytes
 from pipeline.output.identity import check_identity, identity_of
 from pipeline.output.lease import Lease, LeaseHeld
 from pipeline.stages.encode import EncodeConfig
+from pipeline.stages.labels import plan_label_warning
 from pipeline.stages.write import MASKS_DIR, write_manifest
 from pipeline.storage import StorageError, StorageOutage, check_access, list_files, read_bytes, redact
 
@@ -122,7 +125,9 @@ def _plan(cfg: JobConfig, index: Any, *, run_id: str, clear_old_plans: bool = Fa
         OSError,
         ValueError,
         KeyError,
-    ) as e:  # raised in a listing task: name its cause, not Ray's traceback
+        BotoCoreError,
+        ClientError,
+    ) as e:  # a listing task's cause, not Ray's
         cause = getattr(e, "cause", None) or e
         raise JobError(f"cannot list the inputs under {cfg.read.input_uri}: {cause}") from e
 
@@ -205,6 +210,13 @@ def _run_leased(cfg: JobConfig, meta: dict, digest: str, lease: Lease, t0: float
         job_plan.retried, cfg.write.retry_errors, meta["variant"], digest[:12], "on" if cfg.crf else "off",
     )  # fmt: skip
 
+    if job_plan.todo and job_plan.labelled:  # labels with classes the model lacks: say so before any work
+        warning = _storage_step(
+            plan_label_warning, job_plan.todo_uri, meta["num_classes"], cfg.storage,
+            class_names=meta.get("class_names"),
+        )  # fmt: skip
+        if warning:
+            log.warning(warning)
     plan = plan_cluster_pools(cfg.pools, crf_enabled=cfg.crf is not None and not crf_on_gpu(cfg))
     if crf_on_gpu(cfg) and plan.dcnn_num_gpus == 0:
         raise JobError(

@@ -72,6 +72,26 @@ def test_an_s3_manifest_naming_a_local_file_fails_without_reading_it(storage_cfg
     assert str(secret) in str(err.value) and "root:" not in str(err.value)
 
 
+def test_read_allowed_prefixes_reaches_the_listing_tasks(storage_cfg, bucket, tmp_path):
+    from pipeline.stages.plan import plan_source, plan_unit
+    from pipeline.stages.write import IdIndex
+
+    (tmp_path / "img.jpg").write_bytes(b"x")
+    name = bucket.removeprefix("s3://")
+    s3_client(storage_cfg).put_object(
+        Bucket=name, Key="m.csv", Body=f"image_uri\n{tmp_path}/img.jpg\n".encode()
+    )
+    done, _ = IdIndex.from_ids([])
+    for allowed, ok in (((), False), ((str(tmp_path) + "/",), True)):
+        source = plan_source(f"{bucket}/m.csv", "manifest", None, storage_cfg, allowed)
+        unit = ("manifest", f"{bucket}/m.csv")
+        if ok:
+            assert plan_unit(source, unit, done, "", storage_cfg, write_files=False).inputs == 1
+        else:
+            with pytest.raises(PermissionError):
+                plan_unit(source, unit, done, "", storage_cfg, write_files=False)
+
+
 def test_a_list_typed_manifest_column_is_one_line(tmp_path):
     pq.write_table(pa.table({"image_uri": [["/d/a.jpg", "/d/b.jpg"]]}), tmp_path / "m.parquet")
     with pytest.raises(ValueError, match=r"column 'image_uri' must hold strings, got list<"):

@@ -147,7 +147,7 @@ def _not_an_image(data: bytes) -> str:
     fmt = _sniff(data)
     if fmt is not None:
         return f"corrupt {fmt}: header can't be parsed"
-    return f"not a supported image ({', '.join(IMAGE_FORMATS)}); starts with 0x{data[:8].hex()}"
+    return f"not a supported image ({', '.join(IMAGE_FORMATS)}): {len(data):,} bytes of another format"
 
 
 def _failure(fmt: str | None, exc: BaseException, stage: str) -> str:

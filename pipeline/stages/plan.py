@@ -143,14 +143,21 @@ class PlanSource:
     fmt: str  # voc | images | shards | manifest
     image_root: str  # the prefix image ids are relative to (the manifest file itself for manifests)
     label_root: str | None = None
+    allowed_prefixes: tuple[str, ...] = ()  # read.allowed_prefixes: where a manifest's URIs may point
 
 
-def plan_source(input_uri: str, fmt: str, labels_uri: str | None, storage_cfg: StorageConfig) -> PlanSource:
+def plan_source(
+    input_uri: str,
+    fmt: str,
+    labels_uri: str | None,
+    storage_cfg: StorageConfig,
+    allowed_prefixes: tuple[str, ...] = (),
+) -> PlanSource:
     """What the unit tasks of a job with this input list."""
     if fmt == "voc":
         return PlanSource(fmt, join(input_uri, IMAGE_DIR), labels_uri or join(input_uri, LABEL_DIR))
     if fmt in ("images", "shards", "manifest"):
-        return PlanSource(fmt, input_uri.rstrip("/"), labels_uri)
+        return PlanSource(fmt, input_uri.rstrip("/"), labels_uri, tuple(allowed_prefixes))
     raise ValueError(f"unknown input format {fmt!r}")
 
 
@@ -379,7 +386,11 @@ def list_unit(
     if kind == "shard":
         return [_shard_items(value, storage_cfg)], [], 0
     if kind == "manifest":
-        return _manifest_items(value, storage_cfg), [], 0  # streamed: a manifest file may hold millions
+        return (
+            _manifest_items(value, storage_cfg, source.allowed_prefixes),
+            [],
+            0,
+        )  # streamed: a manifest file may hold millions
     raise ValueError(f"unknown plan unit {unit!r}")
 
 

@@ -40,6 +40,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -52,6 +53,7 @@ from pipeline.tune.rounds import _best, _Recorder, _Rounds, make_trainable, run_
 from pipeline.tune.space import (
     _SCHEMA_VERSION,
     TRIMAP_WIDTHS,
+    SearchSpec,
     _canonical,
     _config_error,
     grid_of,
@@ -84,6 +86,160 @@ def _dcnn_fragment(dcnn_cfg: Any) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class _Setup:
+    """What tune_crf settles before any Ray work: the config completed from the checkpoint, the search, the images."""
+
+    cfg: Any
+    meta: dict
+    digest: str
+    default_params: dict
+    spec: SearchSpec
+    fmt: str
+    labelled: list
+    chosen: list
+
+
+def _prepare(cfg: Any, crf_raw: dict | None, num_images: int, search_path: str | None) -> _Setup:
+    """Fail fast (search file, storage, model, labels) and pick the first ``num_images`` labelled inputs."""
+    from pipeline.config import resolve_crf
+    from pipeline.segment import JobError, load_model_meta
+    from pipeline.stages.plan import list_inputs
+
+    if num_images < 1:
+        raise _config_error(f"--images must be >= 1, got {num_images}")
+    load_search(search_path, CRFConfig(), cfg.storage)  # a bad search file fails before anything is loaded
+    try:
+        storage.check_access(cfg.read.input_uri, cfg.storage, what="input")
+        storage.check_access(cfg.write.output_uri, cfg.storage, what="output")
+    except storage.StorageError as e:
+        raise JobError(str(e)) from e
+    meta, digest = load_model_meta(cfg)
+    cfg = resolve_crf(cfg, meta["variant"], crf_raw or {})
+    if cfg.crf is None:
+        raise _config_error("tune-crf needs the CRF: remove 'crf: false' / crf.enabled from the config")
+    default_params = _canonical(dataclasses.asdict(cfg.crf))
+    spec = load_search(
+        search_path, cfg.crf, cfg.storage
+    )  # fields the search leaves out: the variant's values
+    cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, num_classes=meta["num_classes"]))
+    fmt, items = list_inputs(
+        cfg.read.input_uri, cfg.storage, input_format=cfg.read.input_format,
+        labels_uri=cfg.read.labels_uri, split=cfg.read.split,
+    )  # fmt: skip
+    labelled = [it for it in items if it[S.LABEL_SOURCE]]
+    if not labelled:
+        raise JobError(f"no labelled images under {cfg.read.input_uri} (format {fmt}): tuning needs labels")
+    return _Setup(cfg, meta, digest, default_params, spec, fmt, labelled, labelled[:num_images])
+
+
+def _cache_uri(setup: _Setup) -> str:
+    """OUT/cache/<key>: the key digests the model, the images and the DCNN/decode settings (a change = new logits)."""
+    key_doc = {
+        "version": 1,
+        "model_digest": setup.digest,
+        "ids": [it[S.ID] for it in setup.chosen],
+        "sources": [it[S.SOURCE] for it in setup.chosen],
+        "dcnn": {
+            k: v
+            for k, v in dataclasses.asdict(setup.cfg.dcnn).items()
+            if k not in ("model_uri", "expected_variant")
+        },
+        "decode": dataclasses.asdict(setup.cfg.decode),
+    }
+    cache_key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
+    return storage.join(setup.cfg.write.output_uri, "cache", cache_key)
+
+
+def _logits(setup: _Setup, cache_uri: str, use_gpu: bool) -> tuple[pa.Table, list, bool, float]:
+    """(logits table, excluded images, whether the cache was reused, DCNN seconds): from the cache, or one Ray task."""
+    import ray
+
+    cfg = setup.cfg
+    logits_uri, excluded_uri = (
+        storage.join(cache_uri, "logits.parquet"),
+        storage.join(cache_uri, "excluded.json"),
+    )
+    start = time.monotonic()
+    if storage.exists(logits_uri, cfg.storage):
+        fs, path = storage.filesystem(logits_uri, cfg.storage)
+        table = pq.read_table(path, filesystem=fs)
+        excluded = json.loads(storage.read_bytes(excluded_uri, cfg.storage))
+        log.info("logits cache found: %d images, DCNN skipped", table.num_rows)
+        return table, excluded, True, time.monotonic() - start
+    task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(compute_logits)
+    table, excluded = ray.get(task.remote(setup.chosen, cfg.dcnn, cfg.decode, cfg.storage))
+    # excluded.json first: the Parquet file's presence is what marks the cache complete.
+    storage.write_bytes(excluded_uri, json.dumps(excluded).encode(), cfg.storage)
+    storage.write_bytes(logits_uri, _table_bytes(table), cfg.storage)
+    seconds = time.monotonic() - start
+    log.info("DCNN: %d images in %.1f s, %d left out", table.num_rows, seconds, len(excluded))
+    return table, excluded, False, seconds
+
+
+def _check_again(records: dict, default_key: str, default_acc, best: dict, best_acc) -> None:
+    """The default and the best trial, re-scored in this process, must give the trials' mean IoU exactly."""
+    from pipeline.segment import JobError
+
+    for name, acc, rec in (("default", default_acc, records.get(default_key)), ("best", best_acc, best)):
+        again = summarize(acc.confusion["crf"])["mean_iou"]
+        if rec is not None and rec["status"] == "ok" and again != rec["mean_iou"]:
+            raise JobError(
+                f"the {name} parameters scored {again} on re-evaluation but {rec['mean_iou']} in the trial"
+            )
+
+
+def _trial_rows(rounds: list[dict], records: dict, default_key: str) -> list[dict]:
+    """tuning.json's trials: every planned trial with a record, in round order."""
+    round_of: dict = {}
+    for rd in rounds:
+        for k in rd["keys"]:
+            round_of.setdefault(k, rd["round"])
+    trials = []
+    for k in dict.fromkeys(k for rd in rounds for k in rd["keys"]):
+        rec = records.get(k)
+        if rec is None:
+            continue
+        trials.append(
+            {
+                "key": k,
+                "round": round_of[k],
+                "params": rec["crf"],
+                "status": rec["status"],
+                "mean_iou": rec["mean_iou"],
+                "pixel_accuracy": rec["pixel_accuracy"],
+                "seconds": rec["seconds"],
+                "error": rec["error"],
+                "is_default": k == default_key,
+                "run_id": rec["run_id"],
+            }  # fmt: skip
+        )
+    return trials
+
+
+def _scores(default_acc, best_acc) -> dict:
+    """The metrics part of tuning.json: default vs best (CRF), raw, per class, trimap curves."""
+    band_source = best_acc.band_source("auto")
+
+    def curve(acc: MetricsAccumulator, which: str) -> list:
+        return [summarize(c)["mean_iou"] for c in acc.trimap[band_source][which]]
+
+    default, best, raw = (summarize(a.confusion[w]) for a, w in ((default_acc, "crf"), (best_acc, "crf"),
+                                                                  (best_acc, "raw")))  # fmt: skip
+    return {
+        "default_scores": {"mean_iou": default["mean_iou"], "pixel_accuracy": default["pixel_accuracy"]},
+        "raw": {k: raw[k] for k in ("mean_iou", "pixel_accuracy", "per_class_iou")},
+        "per_class_iou": {"default": default["per_class_iou"], "best": best["per_class_iou"]},
+        "trimap": {
+            "band_source": band_source,
+            "widths": list(TRIMAP_WIDTHS),
+            "raw": curve(best_acc, "raw"),
+            "default": curve(default_acc, "crf"),
+            "best": curve(best_acc, "crf"),
+        },
+    }
+
+
 def tune_crf(
     cfg: Any,
     crf_raw: dict | None = None,
@@ -103,202 +259,75 @@ def tune_crf(
         logging.getLogger("ray.tune").setLevel(logging.ERROR)
 
     from pipeline.cluster.ray_init import init_ray
-    from pipeline.config import resolve_crf
-    from pipeline.segment import JobError, load_model_meta
-    from pipeline.stages.plan import list_inputs
+    from pipeline.segment import JobError
 
-    t0 = time.monotonic()
-    run_id = uuid.uuid4().hex[:12]
-    out_uri = cfg.write.output_uri
-    if num_images < 1:
-        raise _config_error(f"--images must be >= 1, got {num_images}")
-    load_search(search_path, CRFConfig(), cfg.storage)  # a bad search file fails before anything is loaded
-    try:
-        storage.check_access(cfg.read.input_uri, cfg.storage, what="input")
-        storage.check_access(out_uri, cfg.storage, what="output")
-    except storage.StorageError as e:
-        raise JobError(str(e)) from e
-    meta, digest = load_model_meta(cfg)
-    cfg = resolve_crf(cfg, meta["variant"], crf_raw or {})
-    if cfg.crf is None:
-        raise _config_error("tune-crf needs the CRF: remove 'crf: false' / crf.enabled from the config")
-    default_params = _canonical(dataclasses.asdict(cfg.crf))
-    spec = load_search(
-        search_path, cfg.crf, cfg.storage
-    )  # fields the search leaves out: the variant's values
-    cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, num_classes=meta["num_classes"]))
-    fmt, items = list_inputs(
-        cfg.read.input_uri, cfg.storage, input_format=cfg.read.input_format,
-        labels_uri=cfg.read.labels_uri, split=cfg.read.split,
-    )  # fmt: skip
-    labelled = [it for it in items if it[S.LABEL_SOURCE]]
-    if not labelled:
-        raise JobError(f"no labelled images under {cfg.read.input_uri} (format {fmt}): tuning needs labels")
-    chosen = labelled[:num_images]
-    num_classes = meta["num_classes"]
-
-    key_doc = {
-        "version": 1,
-        "model_digest": digest,
-        "ids": [it[S.ID] for it in chosen],
-        "sources": [it[S.SOURCE] for it in chosen],
-        "dcnn": {
-            k: v
-            for k, v in dataclasses.asdict(cfg.dcnn).items()
-            if k not in ("model_uri", "expected_variant")
-        },
-        "decode": dataclasses.asdict(cfg.decode),
-    }
-    cache_key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
-    cache_uri = storage.join(out_uri, "cache", cache_key)
-    logits_uri = storage.join(cache_uri, "logits.parquet")
-    excluded_uri = storage.join(cache_uri, "excluded.json")
+    t0, run_id = time.monotonic(), uuid.uuid4().hex[:12]
+    setup = _prepare(cfg, crf_raw, num_images, search_path)
+    cfg, meta, num_classes = setup.cfg, setup.meta, setup.meta["num_classes"]
+    cache_uri = _cache_uri(setup)
     log.info(
         "tune-crf: %d of %d labelled inputs (%s), model %s (%s), %d classes; cache %s",
-        len(chosen), len(labelled), fmt, meta["variant"], digest[:12], num_classes, cache_uri,
+        len(setup.chosen), len(setup.labelled), setup.fmt, meta["variant"], setup.digest[:12], num_classes,
+        cache_uri,
     )  # fmt: skip
-
     # One CRF process per core: trials are CPU-bound (pydensecrf holds its process), so no oversubscription.
     init_ray(address, local_cpus=os.cpu_count() or 1)
     resources = ray.cluster_resources()
-    dcnn_start = time.monotonic()
-    reused = storage.exists(logits_uri, cfg.storage)
-    if reused:
-        fs, path = storage.filesystem(logits_uri, cfg.storage)
-        table = pq.read_table(path, filesystem=fs)
-        excluded = json.loads(storage.read_bytes(excluded_uri, cfg.storage))
-        log.info("logits cache found: %d images, DCNN skipped", table.num_rows)
-    else:
-        use_gpu = resources.get("GPU", 0) >= 1
-        task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(compute_logits)
-        table, excluded = ray.get(task.remote(chosen, cfg.dcnn, cfg.decode, cfg.storage))
-        # excluded.json first: the Parquet file's presence is what marks the cache complete.
-        storage.write_bytes(excluded_uri, json.dumps(excluded).encode(), cfg.storage)
-        storage.write_bytes(logits_uri, _table_bytes(table), cfg.storage)
-        log.info(
-            "DCNN: %d images in %.1f s, %d left out",
-            table.num_rows,
-            time.monotonic() - dcnn_start,
-            len(excluded),
-        )
-    dcnn_s = time.monotonic() - dcnn_start
+    table, excluded, reused, dcnn_s = _logits(setup, cache_uri, use_gpu=resources.get("GPU", 0) >= 1)
     if table.num_rows == 0:
-        raise JobError(f"none of the {len(chosen)} images could be scored: e.g. {excluded[:2]}")
+        raise JobError(f"none of the {len(setup.chosen)} images could be scored: e.g. {excluded[:2]}")
     rows = cache_rows(table)
-    trainable = make_trainable(rows, num_classes)
 
     recorder = _Recorder(cache_uri, cfg.storage, run_id)
     recorder.load()
-    plan = _Rounds(spec, default_params, recorder)
-    search_s = run_search(trainable, plan)
-    rounds = plan.rounds
-
-    records = recorder.records
+    plan = _Rounds(setup.spec, setup.default_params, recorder)
+    search_s = run_search(make_trainable(rows, num_classes), plan)
     best = _best(plan.planned_records())
     if best is None:
         errors = sorted({r["error"] for r in plan.planned_records() if r.get("error")})
         raise JobError(f"every trial failed; e.g. {errors[:2]}")
-    default_key = trial_key(default_params)
+    default_key = trial_key(setup.default_params)
 
     # Full metrics (trimap bands) of the default and the tuned parameters. In this process: two passes over the
     # images cost less than starting fresh Ray workers (each imports torch), and the CRF runs one at a time anyway.
     eval_start = time.monotonic()
-    default_acc = evaluate_params(default_params, rows, num_classes)
+    default_acc = evaluate_params(setup.default_params, rows, num_classes)
     best_acc = evaluate_params(best["crf"], rows, num_classes)
     eval_s = time.monotonic() - eval_start
-    for name, acc, rec in (("default", default_acc, records.get(default_key)), ("best", best_acc, best)):
-        again = summarize(acc.confusion["crf"])["mean_iou"]
-        if rec is not None and rec["status"] == "ok" and again != rec["mean_iou"]:
-            raise JobError(
-                f"the {name} parameters scored {again} on re-evaluation but {rec['mean_iou']} in the trial"
-            )
-    band_source = best_acc.band_source("auto")
-
-    def curve(acc: MetricsAccumulator, which: str) -> list:
-        return [summarize(c)["mean_iou"] for c in acc.trimap[band_source][which]]
-
-    def summary_of(acc: MetricsAccumulator, which: str) -> dict:
-        s = summarize(acc.confusion[which])
-        return {
-            "mean_iou": s["mean_iou"],
-            "pixel_accuracy": s["pixel_accuracy"],
-            "per_class_iou": s["per_class_iou"],
-        }
-
-    trials_run = recorder.ran_here
-    all_keys = list(dict.fromkeys(k for rd in rounds for k in rd["keys"]))
-    round_of = {}
-    for rd in rounds:
-        for k in rd["keys"]:
-            round_of.setdefault(k, rd["round"])
-    trials = []
-    for k in all_keys:
-        rec = records.get(k)
-        if rec is None:
-            continue
-        trials.append(
-            {
-                "key": k,
-                "round": round_of[k],
-                "params": rec["crf"],
-                "status": rec["status"],
-                "mean_iou": rec["mean_iou"],
-                "pixel_accuracy": rec["pixel_accuracy"],
-                "seconds": rec["seconds"],
-                "error": rec["error"],
-                "is_default": k == default_key,
-                "run_id": rec["run_id"],
-            }
-        )
+    _check_again(recorder.records, default_key, default_acc, best, best_acc)
+    trials = _trial_rows(plan.rounds, recorder.records, default_key)
+    scores = _scores(default_acc, best_acc)
     doc = {
         "schema_version": _SCHEMA_VERSION,
         "input": cfg.read.input_uri,
-        "input_format": fmt,
-        "output": out_uri,
+        "input_format": setup.fmt,
+        "output": cfg.write.output_uri,
         "model": {
             "uri": cfg.dcnn.model_uri,
             "variant": meta["variant"],
             "num_classes": num_classes,
-            "digest": digest,
-        },
+            "digest": setup.digest,
+        },  # fmt: skip
         "class_names": meta.get("class_names"),
         "images": {
             "requested": num_images,
-            "labelled_available": len(labelled),
-            "chosen": len(chosen),
+            "labelled_available": len(setup.labelled),
+            "chosen": len(setup.chosen),
             "scored": table.num_rows,
             "ids": [r[S.ID] for r in rows],
             "excluded": excluded,
         },
-        "search": spec.to_dict(),
+        "search": setup.spec.to_dict(),
         "rounds": [
             {k: v for k, v in rd.items() if k not in ("keys", "grid")} | {"num_trials": len(rd["keys"])}
-            for rd in rounds
+            for rd in plan.rounds
         ],
         "trials": trials,
-        "best": {
-            "crf": best["crf"],
-            "mean_iou": best["mean_iou"],
-            "pixel_accuracy": best["pixel_accuracy"],
-            "key": best["key"],
-        },
-        "default": {
-            "crf": default_params,
-            "mean_iou": summary_of(default_acc, "crf")["mean_iou"],
-            "pixel_accuracy": summary_of(default_acc, "crf")["pixel_accuracy"],
-        },
-        "raw": summary_of(best_acc, "raw"),
-        "per_class_iou": {
-            "default": summary_of(default_acc, "crf")["per_class_iou"],
-            "best": summary_of(best_acc, "crf")["per_class_iou"],
-        },
-        "trimap": {
-            "band_source": band_source,
-            "widths": list(TRIMAP_WIDTHS),
-            "raw": curve(best_acc, "raw"),
-            "default": curve(default_acc, "crf"),
-            "best": curve(best_acc, "crf"),
-        },
+        "best": {k: best[k] for k in ("crf", "mean_iou", "pixel_accuracy", "key")},
+        "default": {"crf": setup.default_params, **scores["default_scores"]},
+        "raw": scores["raw"],
+        "per_class_iou": scores["per_class_iou"],
+        "trimap": scores["trimap"],
         "timing": {
             "run_id": run_id,
             "cpu_slots": float(resources.get("CPU", 0)),
@@ -307,20 +336,20 @@ def tune_crf(
             "search_wall_s": search_s,
             "trials_total": len(trials),
             "trials_done_before": sum(t["run_id"] != run_id for t in trials),
-            "trials_run": trials_run,
-            "trials_per_s": trials_run / search_s if search_s > 0 else None,
+            "trials_run": recorder.ran_here,
+            "trials_per_s": recorder.ran_here / search_s if search_s > 0 else None,
             "evaluate_s": eval_s,
             "trial_seconds_sum": sum(t["seconds"] or 0.0 for t in trials if t["run_id"] == run_id),
             "total_wall_s": 0.0,
         },
-        "logits_cache": logits_uri,
+        "logits_cache": storage.join(cache_uri, "logits.parquet"),
         "mean_iou_protocol": "one confusion matrix summed over the scored images (void skipped), as metrics.json",
     }
     doc["timing"]["total_wall_s"] = time.monotonic() - t0
-    outputs = _write_outputs(doc, cfg, out_uri)
+    outputs = _write_outputs(doc, cfg, cfg.write.output_uri)
     log.info(
         "best mean IoU %.4f (default %.4f) after %d trials (%d run now, %.1f s search, %.2f trials/s): %s",
-        best["mean_iou"], doc["default"]["mean_iou"] or 0.0, len(trials), trials_run, search_s,
+        best["mean_iou"], doc["default"]["mean_iou"] or 0.0, len(trials), recorder.ran_here, search_s,
         doc["timing"]["trials_per_s"] or 0.0, outputs["crf.yaml"],
     )  # fmt: skip
     return TuneResult(document=doc, outputs=outputs)

@@ -12,7 +12,8 @@ import logging
 import sys
 
 from pipeline.storage import StorageConfig
-from pipeline.train.ddp import TrainConfig, run_training
+from pipeline.train.config import TrainConfig
+from pipeline.train.ddp import run_training
 
 __all__ = ["build_parser", "config_from_args", "train_main"]
 

@@ -135,7 +135,7 @@ def evaluate(threads: int, count: int = TEST_COUNT, *, quiet: bool = False) -> d
     from pipeline.model.deeplab import upsample_logits
     from pipeline.model.weights import load_checkpoint
     from pipeline.stages import crf
-    from pipeline.train.ddp import confusion_matrix, miou, preprocess
+    from pipeline.train.recipe import confusion_matrix, miou, preprocess
 
     torch.set_num_threads(threads)
     model, meta = load_checkpoint(str(ASSET), expected_variant="deeplab-largefov")

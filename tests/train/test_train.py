@@ -16,17 +16,10 @@ from pipeline.model.deeplab import build_model
 from pipeline.model.weights import load_checkpoint
 from pipeline.stages import shards
 from pipeline.storage import StorageConfig, exists, read_bytes
-from pipeline.train.ddp import (
-    TrainConfig,
-    lr_at,
-    miou,
-    param_groups,
-    preprocess,
-    resolve_classes,
-    run_training,
-    stride8_targets,
-    train_loop_per_worker,
-)
+from pipeline.train.config import TrainConfig
+from pipeline.train.data import resolve_classes
+from pipeline.train.ddp import run_training, train_loop_per_worker
+from pipeline.train.recipe import lr_at, miou, param_groups, preprocess, stride8_targets
 
 TINY = {"width": 0.0625, "batch_size": 2, "crop_size": 33, "threads_per_worker": 1, "base_lr": 1e-2}
 

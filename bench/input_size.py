@@ -56,9 +56,12 @@ from pipeline.demo.run import DEMO_CHECKPOINT  # noqa: E402
 from pipeline.demo.scenes import encode_jpeg, make_scene, scene_seed  # noqa: E402
 from pipeline.metrics import confusion as metrics  # noqa: E402
 from pipeline.model.deeplab import VARIANTS, build_model, upsample_logits  # noqa: E402
-from pipeline.model.inference import padded_size
+from pipeline.model.inference import (
+    padded_size,
+    predict_logits,  # noqa: E402
+)
 from pipeline.model.weights import save_checkpoint  # noqa: E402
-from pipeline.stages.dcnn import DCNNConfig, DeepLabPredictor, predict_logits  # noqa: E402
+from pipeline.stages.dcnn import DCNNConfig, DeepLabPredictor  # noqa: E402
 
 BENCH_SEED = 2026_015  # issue 15; training used seed 0, its held-out test 1000, `deeplab demo` 2015000
 SCENE_SIZES = ((40, 30), (160, 120), (500, 375))  # (W, H): tiny, the demo model's training size, VOC's

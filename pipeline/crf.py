@@ -5,9 +5,11 @@ Model (DeepLab v1, reference section 3): unary -log P from the DCNN softmax, Pot
 
 Speed: the stage drops labels whose probability is below ``prune_threshold`` at every pixel before inference
 (with Potts compatibility a label that unlikely everywhere practically never becomes the argmax; see the
-shared CRF notes), pads the kept set to a multiple of 4 with inert dummy labels (pydensecrf's lattice is
-fastest on SSE packets of 4), and maps the labels back. Agreement with the full 21-label CRF is measured in
-``tests/test_crf.py`` and ``bench/crf.py``, not assumed.
+shared CRF notes), and labels that pass it but are faint and the raw argmax of a sliver only; pads the kept set
+to a multiple of 4 with inert dummy labels (pydensecrf's lattice is fastest on SSE packets of 4), and maps the
+labels back. Mean field stops once an image's labels have settled (``adaptive``; ``adaptive: false`` runs the
+paper's fixed schedule). Agreement with the full 21-label, 10-iteration CRF is measured in ``tests/test_crf.py``
+and ``bench/crf.py``, not assumed (docs/performance.md, "CRF cost").
 
 Safety: pydensecrf segfaults or aborts on zero / NaN / tiny sigmas and silently returns NaN for non-finite
 unaries, so everything is validated here, in Python, before the C++ call, and bad input raises ``ValueError``.
@@ -105,14 +107,10 @@ class CRFConfig:
         it). Defaults 0.5 and 5e-4 (~94 pixels of 500x375): 5.3 -> 3.8 labels kept on the demo model's photos,
         99.994 % of pixels equal to the full CRF (docs/performance.md). ``prune_confident_prob: 0`` turns it off.
     pad_labels_to_multiple: pad the kept label set with inert dummy labels to a multiple of this (1 = no pad).
-    adaptive: stop an image's mean field before ``iterations`` once its labels have settled (pydensecrf backend):
-        after ``converge_patience`` consecutive iterations in each of which at most ``converge_changed_frac`` of
-        the pixels changed label (argmax), capped at ``iterations``. False = the paper's fixed schedule, exactly
-        ``iterations`` (bit for bit the stage before adaptive inference). Measured agreement with the fixed
-        schedule and the cost saved: docs/performance.md ("CRF cost"), ``bench/crf.py``.
-    converge_changed_frac: label changes per iteration, as a fraction of the image's pixels (0..0.01), that count
-        as settled. 1e-4 is ~19 pixels of a 500x375 image. 0 = settled only when no label changed.
-    converge_patience: consecutive settled iterations (1..iterations) before inference stops.
+    adaptive: stop an image's mean field (pydensecrf backend) after ``converge_patience`` consecutive iterations
+        in each of which at most ``converge_changed_frac`` of the pixels (0..0.01; 1e-4 = ~19 of 500x375; 0 = none)
+        changed label, capped at ``iterations``. False = the paper's fixed schedule, bit for bit. Agreement with
+        it and the cost saved: docs/performance.md ("CRF cost"), ``bench/crf.py``.
     backend: "pydensecrf" (default, the C++ library in CPU actors) or "torch" (pipeline.crf_torch: the same model
         in PyTorch ops, any device; agreement with pydensecrf in docs/crf-backends.md).
     device: "cpu" (default) or "cuda": where the torch backend runs. "cuda" runs the CRF in the DCNN actor on its
@@ -361,10 +359,9 @@ def _kept_labels(probs: np.ndarray, cfg: CRFConfig) -> np.ndarray:
 def _adaptive_mean_field(crf: Any, cfg: CRFConfig, num_active: int) -> tuple[np.ndarray, int]:
     """Mean field stepped from Python until the labels settle (CRFConfig.adaptive): (Q (M, H*W), iterations run).
 
-    Each step is exactly one iteration of pydensecrf's ``inference`` (same C++ update). Labels are compared over
-    the first ``num_active`` rows only: padding rows are 0 everywhere and never the argmax. An argmax costs
-    3-5 ms per 500x375 image (a step 20-35 ms), so after a count above the budget the next comparison is put off
-    by the iterations the count needs to fall under it at the fastest decay measured (~3x per iteration).
+    A step is one iteration of pydensecrf's ``inference``. Labels are compared over the first ``num_active`` rows
+    (padding rows are 0). An argmax costs 3-5 ms per 500x375 image (a step 20-35 ms), so a count over the budget
+    puts the next one off by the iterations it needs to fall under it at ~3x per iteration (the fastest seen).
     """
     q_mat, tmp1, tmp2 = crf.startInference()
     q = np.asarray(q_mat)  # (M, H*W) view of the Eigen matrix, which stepInference updates in place
@@ -421,9 +418,7 @@ def _run_dense_crf(
             normalization=norm,
         )
         if cfg.adaptive:
-            q, iterations = _adaptive_mean_field(
-                crf, cfg, unary.shape[0] if num_active is None else num_active
-            )
+            q, iterations = _adaptive_mean_field(crf, cfg, num_active or unary.shape[0])
         else:
             q, iterations = np.asarray(crf.inference(int(cfg.iterations))), int(cfg.iterations)
     if stats is not None:
@@ -433,16 +428,12 @@ def _run_dense_crf(
 
 @dataclass(frozen=True)
 class Refined:
-    """One image's CRF result (refine_detailed).
+    """One image's CRF result (refine_detailed)."""
 
-    labels: uint8 (H, W). probs: refined marginals float32 (C, H, W), pruned labels 0; None unless asked for.
-    iterations: mean-field iterations run (0 when pruning left one label). labels_kept: labels left by pruning.
-    """
-
-    labels: np.ndarray
-    probs: np.ndarray | None
-    iterations: int
-    labels_kept: int
+    labels: np.ndarray  # uint8 (H, W)
+    probs: np.ndarray | None  # refined marginals float32 (C, H, W), pruned labels 0; None unless asked for
+    iterations: int  # mean-field iterations run (0 when pruning left one label)
+    labels_kept: int  # labels left by pruning
 
 
 def refine(
@@ -456,10 +447,7 @@ def refine(
     labels get probability 0. Raises ValueError for any input pydensecrf can't take safely.
     """
     out = refine_detailed(image, probs, cfg, return_probs=return_probs)
-    if not return_probs:
-        return out.labels
-    assert out.probs is not None
-    return out.labels, out.probs
+    return (out.labels, out.probs) if return_probs else out.labels  # type: ignore[return-value]
 
 
 def refine_detailed(

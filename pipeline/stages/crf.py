@@ -5,9 +5,11 @@ Model (DeepLab v1, reference section 3): unary -log P from the DCNN softmax, Pot
 
 Speed: the stage drops labels whose probability is below ``prune_threshold`` at every pixel before inference
 (with Potts compatibility a label that unlikely everywhere practically never becomes the argmax; see the
-shared CRF notes), pads the kept set to a multiple of 4 with inert dummy labels (pydensecrf's lattice is
-fastest on SSE packets of 4), and maps the labels back. Agreement with the full 21-label CRF is measured in
-``tests/stages/test_crf.py`` and ``bench/crf.py``, not assumed.
+shared CRF notes), and labels that pass it but are faint and the raw argmax of a sliver only; pads the kept set
+to a multiple of 4 with inert dummy labels (pydensecrf's lattice is fastest on SSE packets of 4), and maps the
+labels back. Mean field stops once an image's labels have settled (``adaptive``; ``adaptive: false`` runs the
+paper's fixed schedule). Agreement with the full 21-label, 10-iteration CRF is measured in
+``tests/stages/test_crf.py`` and ``bench/crf.py``, not assumed (docs/performance.md, "CRF cost").
 
 Safety: pydensecrf segfaults or aborts on zero / NaN / tiny sigmas and silently returns NaN for non-finite
 unaries, so everything is validated here, in Python, before the C++ call, and bad input raises ``ValueError``.

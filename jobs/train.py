@@ -11,9 +11,8 @@ import json
 import logging
 import sys
 
-from pipeline.train.ddp.config import TrainConfig
-
 from pipeline.storage import StorageConfig
+from pipeline.train.config import TrainConfig
 from pipeline.train.ddp import run_training
 
 __all__ = ["build_parser", "config_from_args", "train_main"]

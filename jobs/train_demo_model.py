@@ -130,12 +130,12 @@ def name_classes(path: Path = ASSET) -> list[str]:
 def evaluate(threads: int, count: int = TEST_COUNT, *, quiet: bool = False) -> dict:
     """Raw and CRF mIoU on ``count`` held-out scenes (JPEG round trip as the pipeline sees them)."""
     import torch
-    from pipeline.train.ddp.recipe import confusion_matrix, miou, preprocess
 
     from pipeline.demo.scenes import encode_jpeg, make_scene, scene_seed
     from pipeline.model.deeplab import upsample_logits
     from pipeline.model.weights import load_checkpoint
     from pipeline.stages import crf
+    from pipeline.train.recipe import confusion_matrix, miou, preprocess
 
     torch.set_num_threads(threads)
     model, meta = load_checkpoint(str(ASSET), expected_variant="deeplab-largefov")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.storage import StorageConfig
-from pipeline.train.ddp.config import TrainConfig
+from pipeline.train.config import TrainConfig
 
 __all__ = ["resolve_classes", "load_pairs", "VOID"]
 

@@ -41,9 +41,9 @@ import torch.nn.functional as F
 
 from pipeline import storage
 from pipeline.storage import StorageConfig
+from pipeline.train.config import TrainConfig
 from pipeline.train.data import load_pairs, resolve_classes
-from pipeline.train.ddp.config import TrainConfig
-from pipeline.train.ddp.recipe import (
+from pipeline.train.recipe import (
     _sample_batch,
     evaluate,
     lr_at,

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.train.ddp.config import TrainConfig
+from pipeline.train.config import TrainConfig
 
 __all__ = ["preprocess", "stride8_targets", "param_groups", "lr_at", "confusion_matrix", "miou", "evaluate"]
 

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from pipeline.train.ddp.config import TrainConfig
-from pipeline.train.ddp.recipe import lr_at, miou, param_groups, preprocess, stride8_targets
 
 from jobs.train import build_parser, config_from_args, train_main
 from pipeline.demo import scenes
@@ -18,8 +16,10 @@ from pipeline.model.deeplab import build_model
 from pipeline.model.weights import load_checkpoint
 from pipeline.stages import shards
 from pipeline.storage import StorageConfig, exists, read_bytes
+from pipeline.train.config import TrainConfig
 from pipeline.train.data import resolve_classes
 from pipeline.train.ddp import run_training, train_loop_per_worker
+from pipeline.train.recipe import lr_at, miou, param_groups, preprocess, stride8_targets
 
 TINY = {"width": 0.0625, "batch_size": 2, "crop_size": 33, "threads_per_worker": 1, "base_lr": 1e-2}
 

@@ -43,22 +43,19 @@ class StorageDown(JobError):
 
 def _storage_cause(exc: BaseException) -> tuple[bool, str] | None:
     """(transient, one-line cause) when a step failed because storage did (read.OutageGuard, a PUT out of retries,
-    a committed part that could not be read), else None. Ray's wrapper of a task's exception keeps its text and
-    ``cause``, not always its type."""
+    a committed part that could not be read), else None. Ray's wrapper of a task's exception keeps the cause's
+    text (its first line is Ray's own) and sometimes its class, so the text is read first."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        inner = getattr(exc, "cause", None)  # a RayTaskError is also an instance of its cause's class
-        if isinstance(inner, BaseException) and id(inner) not in seen:
-            exc = inner
-            continue
-        if isinstance(exc, StorageError) and not isinstance(exc, LeaseHeld):
-            return isinstance(exc, StorageOutage), str(exc).splitlines()[0]
         text = str(exc)
         for name, transient in (("StorageOutage: ", True), ("StorageError: ", False)):
             if name in text:
                 return transient, text.split(name, 1)[1].splitlines()[0]
-        exc = exc.__cause__ or exc.__context__
+        if isinstance(exc, StorageError) and not isinstance(exc, LeaseHeld):
+            return isinstance(exc, StorageOutage), text.splitlines()[0]
+        inner = getattr(exc, "cause", None)  # a RayTaskError's original exception
+        exc = inner if isinstance(inner, BaseException) else exc.__cause__ or exc.__context__
     return None
 
 

@@ -302,7 +302,7 @@ def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
 
 @pytest.mark.integration
 def test_evaluate_with_a_decompression_bomb_label_counts_it_and_goes_on(tmp_path):
-    from test_evaluate import make_output
+    from tests.metrics.test_evaluate import make_output
 
     root = tmp_path / "out"
     labels = make_output(str(root), LOCAL, with_label_source=False)

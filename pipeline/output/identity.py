@@ -2,7 +2,8 @@
 
 Done-ness is keyed on image ids, so a second input with the same ids (other pixels), another model or other CRF
 settings pointed at an existing output would find every id "done" and silently mix results. The first run writes
-``OUTPUT/_identity.json`` (input, labels, split, model digest, CRF settings); a later run with other values
+``OUTPUT/_identity.json`` (input, labels, model digest, CRF settings; a VOC split only picks a subset of one input,
+so it is recorded but not compared); a later run with other values
 refuses in one line naming both, unless ``write.allow_identity_change`` (``--allow-identity-change``) says the
 change is meant, which records the new identity and keeps the old ones in its history.
 """
@@ -21,20 +22,9 @@ __all__ = ["IDENTITY", "FIELDS", "identity_of", "check_identity"]
 log = logging.getLogger(__name__)
 
 IDENTITY = "_identity.json"
-FIELDS = (
-    "input",
-    "labels",
-    "split",
-    "model_digest",
-    "crf",
-)  # what must match for rows to mean the same thing
-_NAMES = {
-    "input": "input",
-    "labels": "labels",
-    "split": "split",
-    "model_digest": "model",
-    "crf": "CRF settings",
-}
+# What must match for rows to mean the same thing (the split is recorded, not compared: it picks a subset).
+FIELDS = ("input", "labels", "model_digest", "crf")
+_NAMES = {"input": "input", "labels": "labels", "model_digest": "model", "crf": "CRF settings"}
 
 
 def identity_of(

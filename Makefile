@@ -35,7 +35,7 @@ $(S3RVER): infra/local/s3rver/package.json infra/local/s3rver/package-lock.json
 	touch $(S3RVER)
 
 test: setup test-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -52,7 +52,6 @@ from PIL import Image, ImageOps  # noqa: E402
 from bench.dcnn import batch_of  # noqa: E402
 from bench.pipeline import uptime, wait_for_load  # noqa: E402
 from pipeline import schema as S  # noqa: E402
-from pipeline.demo.run import DEMO_CHECKPOINT  # noqa: E402
 from pipeline.demo.scenes import encode_jpeg, make_scene, scene_seed  # noqa: E402
 from pipeline.metrics import confusion as metrics  # noqa: E402
 from pipeline.model.deeplab import VARIANTS, build_model, upsample_logits  # noqa: E402
@@ -60,7 +59,10 @@ from pipeline.model.inference import (
     padded_size,
     predict_logits,  # noqa: E402
 )
-from pipeline.model.weights import save_checkpoint  # noqa: E402
+from pipeline.model.weights import (
+    DEMO_CHECKPOINT,  # noqa: E402
+    save_checkpoint,  # noqa: E402
+)
 from pipeline.stages.dcnn import DCNNConfig, DeepLabPredictor  # noqa: E402
 
 BENCH_SEED = 2026_015  # issue 15; training used seed 0, its held-out test 1000, `deeplab demo` 2015000

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from pipeline.cluster.services import LOCAL_S3_ENV, LocalS3
 from pipeline.config import load_job_config
+from pipeline.model.weights import DEMO_CHECKPOINT
 from pipeline.storage import StorageConfig, list_files, read_bytes, s3_client, write_bytes
 
-__all__ = ["DEMO_CHECKPOINT", "DEMO_SEED", "run_demo"]
+__all__ = ["DEMO_SEED", "run_demo"]
 
 log = logging.getLogger(__name__)
 
-DEMO_CHECKPOINT = Path(__file__).parents[1] / "assets" / "demo-largefov.pt"
 DEMO_SEED = 2015_000  # far from the seeds the demo model was trained on (docs/demo-model.md)
 DEMO_SIZE = "160x120"  # the shipped model's training size (at 320x240 objects are twice what it learnt)
 DEMO_COUNT = 48

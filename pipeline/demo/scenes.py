@@ -481,8 +481,7 @@ def _parse_size(text: str) -> tuple[int, int]:
 
 def shipped_model_classes() -> int:
     """The number of classes of the checkpoint shipped in pipeline/assets (the demo's and a newcomer's model)."""
-    from pipeline.demo.run import DEMO_CHECKPOINT
-    from pipeline.model.weights import describe_checkpoint
+    from pipeline.model.weights import DEMO_CHECKPOINT, describe_checkpoint
 
     return int(describe_checkpoint(str(DEMO_CHECKPOINT))["num_classes"])
 

@@ -29,6 +29,9 @@ import numpy as np
 
 from pipeline.schema import VOC_CLASSES
 
+# Per-image counting is the encode stage's (it stores them in every row); here they are summed and scored.
+from pipeline.stages.encode import VOID, _check_pair, confusion_matrix
+
 __all__ = [
     "VOID",
     "BAND_SOURCES",
@@ -47,40 +50,8 @@ __all__ = [
     "MetricsAccumulator",
 ]
 
-VOID = 255
 BAND_SOURCES = ("void", "edges")
 VOC_CLASS_NAMES = VOC_CLASSES
-
-
-def _check_pair(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> None:
-    if num_classes < 1 or num_classes > VOID:
-        raise ValueError(f"num_classes must be in 1..{VOID}, got {num_classes}")
-    if gt.ndim != 2 or pred.ndim != 2:
-        raise ValueError(f"gt and pred must be 2-D (H, W), got shapes {gt.shape} and {pred.shape}")
-    if gt.shape != pred.shape:
-        raise ValueError(f"prediction size {pred.shape} must equal the ground truth size {gt.shape}")
-
-
-def confusion_matrix(gt: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """int64 (C, C) counts, row = ground truth class, column = predicted class; gt == 255 pixels skipped.
-
-    Raises ValueError when sizes differ, a ground-truth value is >= num_classes (and not 255), or a prediction
-    value is >= num_classes.
-    """
-    gt = np.asarray(gt)
-    pred = np.asarray(pred)
-    _check_pair(gt, pred, num_classes)
-    valid = gt != VOID
-    g = gt[valid].astype(np.int64)
-    p = pred[valid].astype(np.int64)
-    if g.size and int(g.max()) >= num_classes:
-        bad = np.unique(g[g >= num_classes]).tolist()
-        raise ValueError(f"ground truth values must be < {num_classes} or {VOID}, got {bad}")
-    if p.size and int(p.max()) >= num_classes:
-        bad = np.unique(p[p >= num_classes]).tolist()
-        raise ValueError(f"prediction values must be < {num_classes}, got {bad}")
-    counts = np.bincount(g * num_classes + p, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes).astype(np.int64)
 
 
 def _ratio(num: float, den: float) -> float | None:

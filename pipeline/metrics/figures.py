@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -18,9 +18,6 @@ from PIL import Image
 
 from pipeline import schema
 from pipeline.metrics.page import figure_png
-
-if TYPE_CHECKING:
-    from pipeline.metrics.report import OverlayExample
 
 __all__ = [
     "OVERLAY_SIDE_PX",
@@ -35,6 +32,20 @@ __all__ = [
 
 OVERLAY_SIDE_PX = 150
 _GAP_PX = 4
+
+
+@dataclass(frozen=True, eq=False)
+class OverlayExample:
+    """One image to show: uint8 RGB ``image`` (H, W, 3) or None when unreadable, uint8 (H, W) masks."""
+
+    image_id: str
+    kind: str  # "best" | "worst"
+    image: np.ndarray | None
+    gt: np.ndarray
+    raw: np.ndarray
+    crf: np.ndarray | None
+    mean_iou_raw: float | None
+    mean_iou_crf: float | None
 
 
 def voc_palette() -> np.ndarray:

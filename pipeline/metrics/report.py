@@ -19,7 +19,6 @@ import io
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -27,7 +26,7 @@ from pipeline import storage
 from pipeline.metrics import figures
 from pipeline.metrics import timing as report_time
 from pipeline.metrics.confusion import BAND_SOURCES, ImageScore, MetricsAccumulator, summarize
-from pipeline.metrics.figures import voc_palette
+from pipeline.metrics.figures import OverlayExample, voc_palette
 from pipeline.metrics.page import (
     Fig,
     Gallery,
@@ -68,20 +67,6 @@ BAND_RULES = {
     "with a 4-neighbour of another non-void class (labels without a void band)",
 }
 _HIST_BINS = 10
-
-
-@dataclass(frozen=True, eq=False)
-class OverlayExample:
-    """One image to show: uint8 RGB ``image`` (H, W, 3) or None when unreadable, uint8 (H, W) masks."""
-
-    image_id: str
-    kind: str  # "best" | "worst"
-    image: np.ndarray | None
-    gt: np.ndarray
-    raw: np.ndarray
-    crf: np.ndarray | None
-    mean_iou_raw: float | None
-    mean_iou_crf: float | None
 
 
 # -- metrics.json -----------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import logging
 import pickle
 import re
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from pipeline.schema import class_names as class_names_for
 from pipeline.storage import StorageConfig
 
 __all__ = [
+    "DEMO_CHECKPOINT",
     "FORMAT_VERSION",
     "CAFFE_MEAN_BGR",
     "VOC_CLASSES",
@@ -56,6 +58,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)  # subtracted from BGR 0..255 pixels, no scaling
+
+# The checkpoint the project trained and ships (jobs/train_demo_model.py, docs/demo-model.md): the demo's model.
+DEMO_CHECKPOINT = Path(__file__).parents[1] / "assets" / "demo-largefov.pt"
 
 
 class CheckpointError(ValueError):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from pipeline.stages.crf import CRFConfig
+    from pipeline.stages.crf_config import CRFConfig
 
 __all__ = [
     "DenseKernel",

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline import storage
+from pipeline.schema import class_names as schema_class_names
 from pipeline.storage import StorageConfig
 
 __all__ = [
@@ -190,9 +191,7 @@ def shard_dataset(
         num_classes = max_label + 1
         log.warning("num_classes not given: inferred %d from the largest label value", num_classes)
     if class_names is None:
-        from pipeline.demo.scenes import class_names as default_names
-
-        class_names = default_names(num_classes)
+        class_names = schema_class_names(num_classes)
     if len(class_names) != num_classes:
         raise ValueError(f"expected {num_classes} class names, got {len(class_names)}")
     manifest = {

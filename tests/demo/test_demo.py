@@ -10,9 +10,8 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.demo.run import DEMO_CHECKPOINT
 from pipeline.demo.scenes import scene_class_names
-from pipeline.model.weights import load_checkpoint
+from pipeline.model.weights import DEMO_CHECKPOINT, load_checkpoint
 
 # Every test here starts a subprocess job, a Ray head or the demo: the integration tier.
 pytestmark = pytest.mark.integration

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cluster.services import free_port
+from pipeline.cluster.services import free_port, stop_process
 
 __all__ = ["S3rver", "S3RVER_BIN", "S3RVER_ENV"]
 
@@ -73,13 +73,7 @@ class S3rver:
         raise RuntimeError(f"s3rver did not answer on {self.endpoint_url} in {timeout_s:.0f}s")
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc)
         self._proc = None
         if self._dir is not None:
             self._dir.cleanup()

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
-__all__ = ["LocalS3", "free_port", "LOCAL_S3_ENV"]
+__all__ = ["LocalS3", "free_port", "stop_process", "LOCAL_S3_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +24,17 @@ LOCAL_S3_ENV = {
     "AWS_SECRET_ACCESS_KEY": "local-demo-secret",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
+
+
+def stop_process(proc: subprocess.Popen | None) -> None:
+    """Stop a server this process started: SIGTERM, then SIGKILL after 10 s; nothing when it already ended."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -72,13 +83,7 @@ class LocalS3:
         )
 
     def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        stop_process(self._proc)
         self._proc = None
 
     def __enter__(self) -> LocalS3:

@@ -65,36 +65,25 @@ def bucket(storage_cfg) -> str:
     return f"s3://{name}"
 
 
-_RAY: dict = {}  # the GCS address of the local Ray that ray_local started, while it runs
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_local(local_s3):
-    """A local Ray with more logical CPUs than cores (avoids the actor-pool CPU deadlock on 2 cores), shared by
-    every test that asks for it: started on first use, and again only after a test ran its own cluster (the
-    multi-node tests shut ours down first); shut down at the end of the session."""
+    """A local Ray cluster with more logical CPUs than cores (avoids the actor-pool CPU deadlock on 2 cores), per
+    test module: a module's tests share it, and tests outside Ray never see one left running."""
     import ray
 
-    current = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
-    if current is None or current != _RAY.get("address"):
-        if ray.is_initialized():
-            ray.shutdown()
-        # Explicit, like the multi-node tests: ~/.ray/auth_token (Ray writes one) must not switch token auth on
-        # for a GCS this process starts while its client, configured by an earlier test, expects none.
-        os.environ["RAY_AUTH_MODE"] = "disabled"
-        ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
-        _RAY["address"] = ray.get_runtime_context().gcs_address
-    yield ray
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _stop_shared_ray():
-    yield
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if ray.is_initialized():
         ray.shutdown()
+    # Explicit, like the multi-node tests: ~/.ray/auth_token (Ray writes one) must not switch token auth on for a
+    # GCS this process starts while its client, configured by an earlier test, expects none.
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = saved
 
 
 # A test that uses one of these fixtures needs a server or a cluster: it is in the integration tier whatever its

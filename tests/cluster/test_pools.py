@@ -324,8 +324,9 @@ def test_nodes_join_a_waiting_then_a_running_job(monkeypatch, local_s3, storage_
             return cluster.add_node(num_cpus=1, resources={"crf": 1}, object_store_memory=NODE_MEMORY)
 
         # A GPU node joins the job waiting for its first GPU; once it runs, a second GPU node and a second CRF
-        # node join. 30 mean-field iterations: seconds of CRF work per block, so the job outlasts their start.
-        result = _run_while(cfg, {"iterations": 30}, [
+        # node join. 30 mean-field iterations, not stopped early (adaptive: false): seconds of CRF work per block,
+        # so the job outlasts their start.
+        result = _run_while(cfg, {"iterations": 30, "adaptive": False}, [
             ("pipeline.cluster.pools", "waiting up to", gpu), ("pipeline.flow", "blocks of", lambda: (gpu(), crf())),
         ])  # fmt: skip
 

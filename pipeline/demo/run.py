@@ -43,6 +43,7 @@ def run_demo(*, workdir: str | None = None, count: int = DEMO_COUNT, size: str =
     from pipeline.console import logs
     from pipeline.console.summary import format_summary
     from pipeline.demo.scenes import write_voc_dataset
+    from pipeline.metrics.evaluate import evaluate_output
     from pipeline.segment import load_model_meta, run_segment
 
     width, height = _parse_size(size)
@@ -85,6 +86,12 @@ def run_demo(*, workdir: str | None = None, count: int = DEMO_COUNT, size: str =
         say(f"[3/3] copying the output to {work / 'output'}")
         for uri in list_files(output_uri, storage):
             write_bytes(str(work / "output" / uri[len(output_uri) + 1 :]), read_bytes(uri, storage), storage)
+        # The report again, from the copy (while the images it shows are still served): its header then names
+        # the folder a reader has, not only the bucket that goes away with the demo.
+        evaluate_output(
+            str(work / "output"), storage_cfg=storage, class_names=meta.get("class_names"), use_ray=False,
+            run_summary=manifest["run"],
+        )  # fmt: skip
     local_out = work / "output"
     summary = format_summary(manifest).replace(f"{output_uri}/", f"{local_out}/")
     lines = [

@@ -74,7 +74,10 @@ def test_demo_runs_end_to_end_and_stops_what_it_started(tmp_path):
     assert table.num_rows == 6 and set(table.column("status").to_pylist()) == {"ok"}
     metrics = json.loads((output / "report" / "metrics.json").read_text())
     assert round(100 * metrics["raw"]["mean_iou"], 2) == raw
-    assert (output / "report" / "report.html").read_text().count("data:image/png;base64,") >= 3
+    page = (output / "report" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3
+    # The report a person opens names the folder they have, not only the bucket that went away with the demo.
+    assert f"Read from {output}, a copy of the output s3://" in page
     manifest = json.loads((output / "_manifest.json").read_text())
     assert manifest["counts"]["rows"] == 6
     # Only the project's own lines (issue 18): none of Ray's warnings or internals on the terminal; they went to

@@ -334,9 +334,13 @@ def test_nodes_join_a_waiting_then_a_running_job(monkeypatch, local_s3, storage_
     assert sorted(r[S.ID] for r in rows) == [f"scene_{i:06d}" for i in range(count)]
     assert {r[S.STATUS] for r in rows} == {S.OK}
     gpu_a, (gpu_b, crf_b) = result["then"]
-    # The DCNN ran on the GPU nodes that joined after the start (no CPU plan), the CRF on both CRF nodes.
-    assert {r["dcnn_node"] for r in rows} == {gpu_a.node_id, gpu_b.node_id}
-    assert {r["crf_node"] for r in rows} == {up[0].node_id, crf_b.node_id}
+    # The DCNN ran only on GPU nodes that joined after the start (no CPU plan), the CRF only on CRF nodes, and the
+    # nodes that joined the running job took blocks. Which of a pool's two actors gets which block is Ray Data's
+    # choice: on a quiet machine one warm actor of a stage may take them all, so each stage is not asked for both.
+    dcnn_nodes, crf_nodes = {r["dcnn_node"] for r in rows}, {r["crf_node"] for r in rows}
+    assert dcnn_nodes and dcnn_nodes <= {gpu_a.node_id, gpu_b.node_id}
+    assert crf_nodes and crf_nodes <= {up[0].node_id, crf_b.node_id}
+    assert gpu_b.node_id in dcnn_nodes or crf_b.node_id in crf_nodes, (dcnn_nodes, crf_nodes)
     pools = result["manifest"]["run"]["pools"]
     assert pools["dcnn_num_gpus"] == 1.0 and pools["maxima_source"] == "autoscaler"
     assert tuple(pools["dcnn_size"]) == (1, 2) and tuple(pools["crf_size"]) == (1, 2)

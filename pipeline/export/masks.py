@@ -22,7 +22,7 @@ output, final or raw, format).
 Resumable: a PNG or overlay already in ``DIR`` is skipped (local files are written by rename and S3 objects appear
 only when complete, so one that exists is whole); delete one and re-run to re-create it. Exporting final masks and
 then raw ones (or another output) into the same ``DIR`` is refused instead of silently keeping the first set.
-``coco.json`` is rebuilt on every run and written atomically. Large outputs run on Ray Data (``read_parquet`` then
+``coco.json`` is rebuilt on every run and written atomically. Large outputs run on Ray Data (``cluster.parquet`` reads the parts, then
 a ``map_batches`` whose tasks write the files and return one outcome row per image); small ones in this process.
 Both sides may be local paths or ``s3://``.
 """
@@ -359,12 +359,11 @@ def _iter_rows_local(fs, paths: list[str]) -> Iterator[list[dict]]:
 
 
 def _run_ray(fs, paths: list[str], setup: ExportSetup, address: str | None) -> Iterator[dict]:
-    import ray.data
-
+    from pipeline.cluster.parquet import parquet_files_dataset
     from pipeline.cluster.ray_init import init_ray
 
     init_ray(address)  # no-op when Ray is up; else RAY_ADDRESS or a local Ray, progress bars off
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(list(EXPORT_COLUMNS))
+    ds = parquet_files_dataset(paths, fs, EXPORT_COLUMNS)
     ds = ds.map_batches(
         export_batch, batch_format="pyarrow", batch_size=_BATCH_ROWS, fn_kwargs={"setup": setup}
     )

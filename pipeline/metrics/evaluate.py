@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from pipeline import storage
+from pipeline.cluster.parquet import parquet_files_dataset
 from pipeline.metrics import report
 from pipeline.metrics import timing as report_time
 from pipeline.metrics.confusion import BAND_SOURCES, VOC_CLASS_NAMES, MetricsAccumulator
@@ -181,10 +182,7 @@ def _iter_rows_local(fs, paths: list[str]) -> Iterator[dict]:
 
 
 def _evaluate_ray(fs, paths: list[str], setup: EvalSetup) -> MetricsAccumulator:
-    import ray.data
-
-    # select_columns is pushed down into the Parquet read (read_parquet's columns= is deprecated in 2.60)
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(list(EVAL_COLUMNS))
+    ds = parquet_files_dataset(paths, fs, EVAL_COLUMNS)
     ds = ds.map_batches(
         evaluate_batch, batch_format="pyarrow", batch_size=_BATCH_ROWS, fn_kwargs={"setup": setup}
     )

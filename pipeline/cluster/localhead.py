@@ -45,9 +45,9 @@ AUTH_MODES = ("disabled", "token")
 HEAD_INFO_FILE = "head.json"
 TOKEN_FILE = "auth_token"
 S3_INFO_FILE = "s3.json"
-# Unix socket paths are limited to ~107 bytes and Ray puts `session_<date>_<pid>/sockets/plasma_store` under the
-# temp dir, so a long pytest tmp_path can break `ray start`; past this length we fall back to a short /tmp dir.
-_MAX_TEMP_DIR_LEN = 50
+# Unix socket paths are limited to 107 bytes and Ray puts `/session_<date>_<time>_<pid>/sockets/plasma_store` (up
+# to 64) under the temp dir, so a long pytest tmp_path can break `ray start`; past this length: a short /tmp dir.
+_MAX_TEMP_DIR_LEN = 107 - 64
 
 
 @dataclass(frozen=True)

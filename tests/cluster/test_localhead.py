@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -89,3 +90,21 @@ def test_local_head_rejects_bad_settings(tmp_path):
     with pytest.raises(RuntimeError, match="not started"):
         _ = LocalHead(tmp_path).dashboard_url
     assert not (tmp_path / "head.json").exists()  # constructing starts nothing
+
+
+def test_a_head_folder_too_long_for_ray_sockets_gets_a_short_temp_dir(tmp_path):
+    """Ray's plasma socket (`<temp>/session_<date>_<time>_<pid>/sockets/plasma_store`) must fit 107 bytes: a head
+    folder whose `ray` temp dir leaves less room gets a short /tmp/dlray-* one instead."""
+    socket_tail = len("/session_2026-12-07_05-19-03_014823_4194304/sockets/plasma_store")
+    head = LocalHead(tmp_path)
+    stem = f"/tmp/h{os.getpid()}"
+    fits = Path(stem + "x" * (107 - socket_tail - len(stem) - len("/ray")))  # <fits>/ray + tail: 107 bytes
+    over = Path(str(fits) + "x")
+    try:
+        assert head._temp_dir(fits) == fits / "ray"
+        temp = head._temp_dir(over)
+        assert temp.name.startswith("dlray-") and len(str(temp)) + socket_tail <= 107
+        assert not over.exists()
+        temp.rmdir()
+    finally:
+        shutil.rmtree(fits, ignore_errors=True)

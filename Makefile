@@ -34,11 +34,16 @@ $(S3RVER): infra/local/s3rver/package.json infra/local/s3rver/package-lock.json
 	npm ci --prefix infra/local/s3rver --no-audit --no-fund --loglevel=error
 	touch $(S3RVER)
 
+# Two pytest workers, one test module each at a time (module fixtures such as ray_local stay whole): the
+# integration tests wait on subprocesses, servers and Ray start-up about a third of the time, so two fill 2 cores.
+WORKERS ?= 2
+XDIST := -n $(WORKERS) --dist loadfile
+
 test: setup test-deps
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q $(XDIST) --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not integration"
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

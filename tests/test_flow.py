@@ -58,6 +58,7 @@ def test_bound_run_ahead_caps_a_fast_stage_ahead_of_a_slow_one(ray_local, monkey
     bounded = _max_run_ahead()
     # Measured here: 29 rows unbounded, 8 bounded (the consumer's 2 blocks in flight, 2x that queued, the
     # producer's own).
+    print(f"\nFIGURES run-ahead: unbounded {unbounded}, bounded {bounded}")
     assert unbounded >= 20, unbounded
     assert bounded <= 12, bounded
 

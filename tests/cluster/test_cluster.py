@@ -1,7 +1,7 @@
 """The segment job on real multi-process Ray clusters: `deeplab submit` to a `ray start --head` (token auth), GPU/CRF
 placement on a `ray.cluster_utils.Cluster`, and a CRF node killed mid-job.
 
-Every cluster here is started and stopped by the test that uses it; nothing stays connected for other modules.
+The head and the multi-node cluster are started and stopped by this module; nothing stays connected for others.
 """
 
 from __future__ import annotations
@@ -119,6 +119,13 @@ def _cluster(monkeypatch, *, crf_nodes: int):
         cluster.shutdown()
 
 
+@pytest.fixture(scope="module")
+def multinode(local_s3):
+    """One cluster for (b) and (c), which each start a job on it: (b) runs first, (c) then removes a CRF node."""
+    with pytest.MonkeyPatch.context() as mp, _cluster(mp, crf_nodes=2) as nodes:
+        yield nodes
+
+
 # --- (a) deeplab submit to a real `ray start --head` ---------------------------------------------------------------
 
 
@@ -166,7 +173,7 @@ def test_submit_segment_to_local_head(local_s3, storage_cfg, bucket, checkpoint,
 # --- (b) placement on a heterogeneous cluster ------------------------------------------------------------------------
 
 
-def test_dcnn_on_gpu_node_and_crf_on_crf_nodes(monkeypatch, local_s3, storage_cfg, bucket, checkpoint):
+def test_dcnn_on_gpu_node_and_crf_on_crf_nodes(multinode, storage_cfg, bucket, checkpoint):
     import ray
 
     from pipeline.stages.dcnn import DCNNConfig, DeepLabPredictor
@@ -175,85 +182,86 @@ def test_dcnn_on_gpu_node_and_crf_on_crf_nodes(monkeypatch, local_s3, storage_cf
     write_voc_dataset(
         f"{bucket}/voc", count=count, size=SIZE, num_classes=NUM_CLASSES, seed=5, storage_cfg=storage_cfg
     )
-    with _cluster(monkeypatch, crf_nodes=1) as (cluster, gpu, (crf,)):
+    cluster, gpu, crf_nodes = multinode
 
-        @ray.remote(num_gpus=1, num_cpus=0)
-        class Probe:
-            # A logical GPU on a machine without CUDA: Ray sets CUDA_VISIBLE_DEVICES, torch still sees no device.
-            def run(self, device: str) -> tuple[str, str | None, str]:
-                try:
-                    predictor = DeepLabPredictor(DCNNConfig(model_uri=checkpoint, device=device))
-                except RuntimeError as e:
-                    return f"error: {e}", None, ""
-                node = ray.get_runtime_context().get_node_id()
-                return str(predictor.device), os.environ.get("CUDA_VISIBLE_DEVICES"), node
+    @ray.remote(num_gpus=1, num_cpus=0)
+    class Probe:
+        # A logical GPU on a machine without CUDA: Ray sets CUDA_VISIBLE_DEVICES, torch still sees no device.
+        def run(self, device: str) -> tuple[str, str | None, str]:
+            try:
+                predictor = DeepLabPredictor(DCNNConfig(model_uri=checkpoint, device=device))
+            except RuntimeError as e:
+                return f"error: {e}", None, ""
+            node = ray.get_runtime_context().get_node_id()
+            return str(predictor.device), os.environ.get("CUDA_VISIBLE_DEVICES"), node
 
-        probe = Probe.remote()
-        device, _, _ = ray.get(probe.run.remote("auto"), timeout=120)
-        assert "Ray assigned GPUs" in device and "CPU-only build" in device, device
-        device, visible, node = ray.get(probe.run.remote("cpu"), timeout=120)
-        assert (device, visible, node) == ("cpu", "0", gpu.node_id)
-        ray.kill(probe)
+    probe = Probe.remote()
+    device, _, _ = ray.get(probe.run.remote("auto"), timeout=120)
+    assert "Ray assigned GPUs" in device and "CPU-only build" in device, device
+    device, visible, node = ray.get(probe.run.remote("cpu"), timeout=120)
+    assert (device, visible, node) == ("cpu", "0", gpu.node_id)
+    ray.kill(probe)
 
-        cfg, crf_raw = _job(f"{bucket}/voc", f"{bucket}/out", checkpoint, storage_cfg, crf_resource="crf")
-        manifest = run_segment(cfg, crf_raw)
-        rows = _output_rows(f"{bucket}/out", storage_cfg)
-        _check_rows(rows, count)
-        assert {r["dcnn_node"] for r in rows} == {gpu.node_id}
-        assert {r["crf_node"] for r in rows} == {crf.node_id}
-        assert manifest["run"]["nodes"] == {"dcnn_node": [gpu.node_id], "crf_node": [crf.node_id]}
-        assert manifest["run"]["pools"]["dcnn_num_gpus"] == 1.0
-        assert manifest["run"]["pools"]["crf_resources"] == {"crf": 1.0}
-        assert cluster.head_node.node_id not in {r["dcnn_node"] for r in rows} | {r["crf_node"] for r in rows}
+    cfg, crf_raw = _job(f"{bucket}/voc", f"{bucket}/out", checkpoint, storage_cfg, crf_resource="crf")
+    manifest = run_segment(cfg, crf_raw)
+    rows = _output_rows(f"{bucket}/out", storage_cfg)
+    _check_rows(rows, count)
+    assert {r["dcnn_node"] for r in rows} == {gpu.node_id}
+    used = {r["crf_node"] for r in rows}
+    assert used and used <= {n.node_id for n in crf_nodes}
+    assert manifest["run"]["nodes"] == {"dcnn_node": [gpu.node_id], "crf_node": sorted(used)}
+    assert manifest["run"]["pools"]["dcnn_num_gpus"] == 1.0
+    assert manifest["run"]["pools"]["crf_resources"] == {"crf": 1.0}
+    assert cluster.head_node.node_id not in {r["dcnn_node"] for r in rows} | {r["crf_node"] for r in rows}
 
 
 # --- (c) a CRF node lost mid-job -------------------------------------------------------------------------------------
 
 
-def test_crf_node_killed_mid_job_every_row_once(monkeypatch, local_s3, storage_cfg, bucket, checkpoint):
+def test_crf_node_killed_mid_job_every_row_once(multinode, storage_cfg, bucket, checkpoint):
     count = 30
     write_voc_dataset(
         f"{bucket}/voc", count=count, size=SIZE, num_classes=NUM_CLASSES, seed=9, storage_cfg=storage_cfg
     )
     masks = join(bucket, "out", "masks")
-    with _cluster(monkeypatch, crf_nodes=2) as (cluster, gpu, crf_nodes):
-        # Up to 2 CRF actors, and each CRF node alone has room for 2: the survivor can host every restarted actor.
-        cfg, crf_raw = _job(
-            f"{bucket}/voc", f"{bucket}/out", checkpoint, storage_cfg, crf_resource="crf", crf_max_actors=2
-        )
-        result: dict = {}
+    cluster, gpu, crf_nodes = multinode
+    # Up to 2 CRF actors, and each CRF node alone has room for 2: the survivor can host every restarted actor.
+    cfg, crf_raw = _job(
+        f"{bucket}/voc", f"{bucket}/out", checkpoint, storage_cfg, crf_resource="crf", crf_max_actors=2
+    )
+    result: dict = {}
 
-        def run() -> None:
-            try:
-                result["manifest"] = run_segment(cfg, crf_raw)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the test thread below
-                result["error"] = e
+    def run() -> None:
+        try:
+            result["manifest"] = run_segment(cfg, crf_raw)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread below
+            result["error"] = e
 
-        job = threading.Thread(target=run, daemon=True)
-        job.start()
-        victim = None
-        deadline = time.monotonic() + 240
-        while victim is None and job.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.5)
-            if not list_files(masks, storage_cfg):
-                continue
-            # Kill a CRF node that has done work, so its actors and in-flight tasks are really lost.
-            used = {r["crf_node"] for r in _output_rows(f"{bucket}/out", storage_cfg)}
-            victim = next((n for n in crf_nodes if n.node_id in used), None)
-        assert victim is not None and job.is_alive(), f"no node removed mid-job: {result}"
-        committed_before = len(_output_rows(f"{bucket}/out", storage_cfg))
-        cluster.remove_node(victim, allow_graceful=False)
-        job.join(timeout=300)
-        assert not job.is_alive(), "the job did not finish after the node loss"
-        if "error" in result:
-            raise result["error"]
+    job = threading.Thread(target=run, daemon=True)
+    job.start()
+    victim = None
+    deadline = time.monotonic() + 240
+    while victim is None and job.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.5)
+        if not list_files(masks, storage_cfg):
+            continue
+        # Kill a CRF node that has done work, so its actors and in-flight tasks are really lost.
+        used = {r["crf_node"] for r in _output_rows(f"{bucket}/out", storage_cfg)}
+        victim = next((n for n in crf_nodes if n.node_id in used), None)
+    assert victim is not None and job.is_alive(), f"no node removed mid-job: {result}"
+    committed_before = len(_output_rows(f"{bucket}/out", storage_cfg))
+    cluster.remove_node(victim, allow_graceful=False)
+    job.join(timeout=300)
+    assert not job.is_alive(), "the job did not finish after the node loss"
+    if "error" in result:
+        raise result["error"]
 
-        assert committed_before < count
-        rows = _output_rows(f"{bucket}/out", storage_cfg)
-        _check_rows(rows, count)  # every row exactly once, none lost with the node
-        manifest = result["manifest"]
-        assert manifest["counts"]["rows"] == count and manifest["counts"]["processed_this_run"] >= count
-        survivor = next(n for n in crf_nodes if n is not victim)
-        assert {r["crf_node"] for r in rows} <= {victim.node_id, survivor.node_id}
-        assert survivor.node_id in {r["crf_node"] for r in rows}  # the work went on without the lost node
-        assert {r["dcnn_node"] for r in rows} == {gpu.node_id}
+    assert committed_before < count
+    rows = _output_rows(f"{bucket}/out", storage_cfg)
+    _check_rows(rows, count)  # every row exactly once, none lost with the node
+    manifest = result["manifest"]
+    assert manifest["counts"]["rows"] == count and manifest["counts"]["processed_this_run"] >= count
+    survivor = next(n for n in crf_nodes if n is not victim)
+    assert {r["crf_node"] for r in rows} <= {victim.node_id, survivor.node_id}
+    assert survivor.node_id in {r["crf_node"] for r in rows}  # the work went on without the lost node
+    assert {r["dcnn_node"] for r in rows} == {gpu.node_id}

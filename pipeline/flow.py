@@ -153,6 +153,7 @@ def _fmt_pool(pool: dict[str, int]) -> str:
     return f"{size} ({pool.get('max_tasks_in_flight_per_actor', 'default')} blocks in flight each)"
 
 
+# One function on purpose (~90 lines): the stages in flow order, each with its resources, read as the pipeline.
 def build_dataset(
     todo_uri: str, cfg: JobConfig, encode_cfg: EncodeConfig, plan: PoolPlan, num_todo: int
 ) -> ray.data.Dataset:

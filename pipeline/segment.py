@@ -168,6 +168,7 @@ def run_segment(
         lease.__exit__(None, None, None)
 
 
+# One function on purpose (~85 lines): the job's steps under the lease in the order they run, start to manifest.
 def _run_leased(cfg: JobConfig, meta: dict, digest: str, lease: Lease, t0: float) -> dict:
     from pipeline.cluster.pools import plan_cluster_pools
     from pipeline.flow import (

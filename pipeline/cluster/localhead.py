@@ -192,6 +192,7 @@ class LocalHead:
         temp.mkdir(parents=True, exist_ok=True)
         return temp
 
+    # One function on purpose (~80 lines): the `ray start` command, its wait and its record, in the order they happen.
     def start(self, timeout_s: float = 90.0) -> LocalHead:
         base = private_dir(Path(self.base_dir).resolve(), what="head folder")  # holds the token
         temp = self._temp_dir(base)

@@ -119,6 +119,7 @@ def cluster_maxima() -> dict[str, float] | None:
     return {k: float(v) for k, v in maxima.items()} if maxima else None
 
 
+# One function on purpose (~90 lines): the pool-sizing rules in the order they apply (docs/operations.md lists them).
 def plan_pools(
     resources: dict[str, float],
     pools: PoolConfig,

@@ -125,6 +125,7 @@ def _ray_started() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
+# One function on purpose (~90 lines): every handler a command installs and removes, in one place.
 @contextlib.contextmanager
 def command_output(
     mode: str = NORMAL, *, log_path: str | None = None, command: str = "deeplab"

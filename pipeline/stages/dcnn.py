@@ -411,6 +411,7 @@ class DeepLabPredictor:
         )
         _exit_process(1)
 
+    # One function on purpose (~100 lines): one batch's forward and every way a row can fail on it, side by side.
     def _predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[schema.ID])
         status = np.array([str(s) for s in _rows(batch[schema.STATUS], n)], dtype=object)

@@ -158,6 +158,7 @@ def _size_or_none(value: Any) -> int | None:
     return int(value) if value is not None and int(value) > 0 else None
 
 
+# One function on purpose (~90 lines): every output column's conversion in schema order, one short block each.
 def encode_batch(batch: dict[str, np.ndarray], cfg: EncodeConfig) -> dict[str, list]:
     """Batch after dcnn/crf -> {column: python list} with exactly OUTPUT_SCHEMA's columns (see `to_table`).
 

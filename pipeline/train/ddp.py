@@ -105,6 +105,7 @@ def _all_reduce_sum(array: np.ndarray, device: torch.device | None = None) -> np
     return t.cpu().numpy().astype(array.dtype)
 
 
+# One function on purpose (~150 lines): the training loop read top to bottom, as nanoGPT's train.py.
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train worker entry (also callable directly without Ray for one process).
 

@@ -240,6 +240,7 @@ def _scores(default_acc, best_acc) -> dict:
     }
 
 
+# One function on purpose (~110 lines): the search's steps in order (cache, rounds, best, report); the work is in helpers.
 def tune_crf(
     cfg: Any,
     crf_raw: dict | None = None,

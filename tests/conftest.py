@@ -104,5 +104,4 @@ def pytest_collection_modifyitems(config, items):
         return item.nodeid.split("::")[0]
 
     weight = Counter(module(it) for it in items if it.get_closest_marker("integration") is not None)
-    first_seen = {m: i for i, m in reversed(list(enumerate(map(module, items))))}
-    items.sort(key=lambda it: (-weight[module(it)], first_seen[module(it)]))
+    items.sort(key=lambda it: -weight[module(it)])  # stable: a module's tests stay together and in order

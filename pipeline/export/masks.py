@@ -22,8 +22,9 @@ output, final or raw, format).
 Resumable: a PNG or overlay already in ``DIR`` is skipped (local files are written by rename and S3 objects appear
 only when complete, so one that exists is whole); delete one and re-run to re-create it. Exporting final masks and
 then raw ones (or another output) into the same ``DIR`` is refused instead of silently keeping the first set.
-``coco.json`` is rebuilt on every run and written atomically. Large outputs run on Ray Data (``cluster.parquet`` reads the parts, then
-a ``map_batches`` whose tasks write the files and return one outcome row per image); small ones in this process.
+``coco.json`` is rebuilt on every run and written atomically. Large outputs run on Ray Data (``cluster.parquet``
+reads the parts, then a ``map_batches`` whose tasks write the files and return one outcome row per image); small
+ones in this process.
 Both sides may be local paths or ``s3://``.
 """
 

@@ -7,8 +7,8 @@ The driver never holds the dataset. Listing is split into *units*, each listed b
 - manifests: one manifest file (Parquet or CSV), streamed in record batches.
 
 A unit's task writes two kinds of plan files under ``OUTPUT/_plan/`` and returns only counts:
-``todo/<unit>-<k>.parquet`` (work items not yet done; what the job streams, ``read_plan`` reading them in Ray tasks) and
-``inputs/<unit>-<k>.parquet`` (every input id; what the final check reads).
+``todo/<unit>-<k>.parquet`` (work items not yet done; what the job streams, ``read_plan`` reading them in Ray
+tasks) and ``inputs/<unit>-<k>.parquet`` (every input id; what the final check reads).
 
 Done-ness comes in as a ``write.IdIndex`` (hashes of the committed parts' ids, in Ray's object store): a unit task
 writes only the items it lacks to ``todo/``, plus the items whose committed row is to be retried

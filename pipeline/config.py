@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.model.deeplab import VARIANTS
+from pipeline.model.variants import VARIANTS
 from pipeline.stages.crf import CRFConfig, crf_config_for
-from pipeline.stages.dcnn import DCNNConfig
+from pipeline.stages.dcnn_config import DCNNConfig
 from pipeline.stages.decode import DecodeConfig
 from pipeline.stages.write import RETRY_POLICIES
 from pipeline.storage import StorageConfig, is_s3, read_bytes, redact, settle, storage_env_values

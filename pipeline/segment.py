@@ -20,7 +20,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pipeline import schema as S
 from pipeline.cluster.ray_init import init_ray
 from pipeline.config import JobConfig, resolve_crf
-from pipeline.model.weights import checkpoint_digest, load_checkpoint_bytes
 from pipeline.output.identity import check_identity, identity_of
 from pipeline.output.lease import Lease, LeaseHeld
 from pipeline.stages.encode import EncodeConfig
@@ -82,6 +81,9 @@ def _versions() -> dict[str, str]:
 
 def load_model_meta(cfg: JobConfig) -> tuple[dict, str]:
     """Read and validate the checkpoint on the driver (fail fast) and return its metadata and sha256 digest."""
+    # torch is imported here, not with this module: the CLI imports JobError first, and a bad config fails fast.
+    from pipeline.model.weights import checkpoint_digest, load_checkpoint_bytes
+
     try:
         data = read_bytes(cfg.dcnn.model_uri, cfg.storage)
     except (FileNotFoundError, OSError) as e:

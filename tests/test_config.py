@@ -1,6 +1,9 @@
-"""Job config: a flag overrides one key of its section, never the file's whole section."""
+"""Job config: a flag overrides one key of its section, never the file's whole section; loading it needs no torch."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -54,3 +57,11 @@ def test_cli_endpoint_flag_keeps_the_files_storage_keys(tmp_path):
         2,
         "eu-west-1",
     )
+
+
+def test_the_job_configuration_loads_without_torch():
+    """A config error must not wait for torch (1-2 s): config, the job driver and the CLI import it only when they
+    read a model."""
+    code = "import sys, pipeline.cli, pipeline.config, pipeline.segment; print(sorted(m for m in sys.modules if m == 'torch'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

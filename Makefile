@@ -36,7 +36,7 @@ $(S3RVER): infra/local/s3rver/package.json infra/local/s3rver/package-lock.json
 
 # Two pytest workers, one test module each at a time (module fixtures such as ray_local stay whole): the
 # integration tests wait on subprocesses, servers and Ray start-up about a third of the time, so two fill 2 cores.
-# Modules go out in tests/conftest.py's order (integration-heavy first), not xdist's (most tests first).
+# Modules go out in tests/conftest.py's order (longest first), not xdist's (most tests first).
 WORKERS ?= 2
 XDIST := -n $(WORKERS) --dist loadfile --no-loadscope-reorder
 

@@ -11,7 +11,8 @@ from ray.data import ActorPoolStrategy
 from pipeline.flow import bound_run_ahead
 
 ROWS = 40
-PAYLOAD = 1 << 20  # 1 MiB per row, as a DCNN output row (image, label, logits, raw mask)
+# 256 KiB per row: the count ahead is what is measured, and a small row is produced fast even on a loaded machine.
+PAYLOAD = 1 << 18
 
 
 def _max_run_ahead() -> int:
@@ -19,10 +20,31 @@ def _max_run_ahead() -> int:
 
     Two actor stages, as the DCNN and CRF pools (Ray Data fuses a task stage into the actor after it, leaving no
     queue). The classes are local so that cloudpickle ships them by value: Ray workers can't import this module.
+    The producer starts only once the consumer is up, as the DCNN (loading a model) does in the job: Ray applies no
+    brake while its consumer has nothing in flight, so a consumer slow to start on a loaded machine would measure
+    start-up, not the brake.
     """
     import ray
 
-    class Produce:  # the DCNN: a 1 MiB row in no time
+    @ray.remote(num_cpus=0)
+    class Started:
+        def __init__(self) -> None:
+            self.up = False
+
+        def set(self) -> None:
+            self.up = True
+
+        def get(self) -> bool:
+            return self.up
+
+    started = Started.options(name="run-ahead-consumer-started").remote()
+
+    class Produce:  # the DCNN: a row in no time
+        def __init__(self) -> None:
+            signal = ray.get_actor("run-ahead-consumer-started")
+            while not ray.get(signal.get.remote()):
+                time.sleep(0.05)
+
         def __call__(self, batch: dict) -> dict:
             n = len(batch["item"])
             return {
@@ -32,6 +54,9 @@ def _max_run_ahead() -> int:
             }
 
     class SlowConsumer:  # the CRF: ~40x slower
+        def __init__(self) -> None:
+            ray.get(ray.get_actor("run-ahead-consumer-started").set.remote())
+
         def __call__(self, batch: dict) -> dict:
             time.sleep(0.4)
             return {"item": batch["item"], "produced": batch["produced"], "consumed": np.full(1, time.time())}
@@ -39,7 +64,10 @@ def _max_run_ahead() -> int:
     ds = ray.data.from_items([{"item": i} for i in range(ROWS)], override_num_blocks=ROWS)
     ds = ds.map_batches(Produce, batch_size=None, compute=ActorPoolStrategy(size=1), num_cpus=1)
     ds = ds.map_batches(SlowConsumer, batch_size=1, compute=ActorPoolStrategy(size=1), num_cpus=1)
-    rows = ds.take_all()
+    try:
+        rows = ds.take_all()
+    finally:
+        ray.kill(started)
     assert sorted(r["item"] for r in rows) == list(range(ROWS))
     produced = np.sort([r["produced"] for r in rows])
     consumed = np.sort([r["consumed"] for r in rows])
@@ -56,8 +84,8 @@ def test_bound_run_ahead_caps_a_fast_stage_ahead_of_a_slow_one(ray_local, monkey
     bound_run_ahead()
     assert DownstreamCapacityBackpressurePolicy.OBJECT_STORE_BUDGET_UTIL_THRESHOLD == 0.0
     bounded = _max_run_ahead()
-    # Measured here: 29 rows unbounded, 8 bounded (the consumer's 2 blocks in flight, 2x that queued, the
-    # producer's own).
+    # Measured here, idle or with both cores busy: 30 rows unbounded, 8 bounded (the consumer's 2 blocks in flight,
+    # 2x that queued, the producer's own).
     print(f"\nFIGURES run-ahead: unbounded {unbounded}, bounded {bounded}")
     assert unbounded >= 20, unbounded
     assert bounded <= 12, bounded

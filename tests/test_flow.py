@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import numpy as np
 import pytest
@@ -37,11 +38,13 @@ def _max_run_ahead() -> int:
         def get(self) -> bool:
             return self.up
 
-    started = Started.options(name="run-ahead-consumer-started").remote()
+    # A name per call: a killed actor frees its name only after a while.
+    name = f"run-ahead-consumer-started-{uuid.uuid4().hex}"
+    started = Started.options(name=name).remote()
 
     class Produce:  # the DCNN: a row in no time
         def __init__(self) -> None:
-            signal = ray.get_actor("run-ahead-consumer-started")
+            signal = ray.get_actor(name)
             while not ray.get(signal.get.remote()):
                 time.sleep(0.05)
 
@@ -55,7 +58,7 @@ def _max_run_ahead() -> int:
 
     class SlowConsumer:  # the CRF: ~40x slower
         def __init__(self) -> None:
-            ray.get(ray.get_actor("run-ahead-consumer-started").set.remote())
+            ray.get(ray.get_actor(name).set.remote())
 
         def __call__(self, batch: dict) -> dict:
             time.sleep(0.4)

@@ -103,6 +103,7 @@ def _prepare(cfg: JobConfig, crf_raw: dict[str, Any] | None) -> tuple[JobConfig,
     except StorageError as e:
         raise JobError(str(e)) from e
     meta, digest = load_model_meta(cfg)
+    cfg = _resolve_input_format(cfg)
     cfg = resolve_crf(cfg, meta["variant"], crf_raw or {})
     if cfg.crf is not None and cfg.crf.device == "cuda" and cfg.dcnn.device == "cpu":
         raise JobError(
@@ -110,6 +111,29 @@ def _prepare(cfg: JobConfig, crf_raw: dict[str, Any] | None) -> tuple[JobConfig,
         )
     cfg = dataclasses.replace(cfg, decode=dataclasses.replace(cfg.decode, num_classes=meta["num_classes"]))
     return cfg, meta, digest
+
+
+# What listing the inputs raises when storage or the input is at fault (a listing task's cause, not Ray's).
+_LISTING_ERRORS = (OSError, ValueError, KeyError, BotoCoreError, ClientError)
+
+
+def _listing_error(cfg: JobConfig, e: BaseException) -> JobError:
+    cause = getattr(e, "cause", None) or e
+    return JobError(f"cannot list the inputs under {cfg.read.input_uri}: {cause}")
+
+
+def _resolve_input_format(cfg: JobConfig) -> JobConfig:
+    """read.input_format "auto" -> the format the input has, before Ray starts: a store that fails this check
+    stops the job in a second, not after a cluster start."""
+    if cfg.read.input_format != "auto":
+        return cfg
+    from pipeline.stages.plan import detect_format
+
+    try:
+        fmt = detect_format(cfg.read.input_uri, cfg.storage)
+    except _LISTING_ERRORS as e:
+        raise _listing_error(cfg, e) from e
+    return dataclasses.replace(cfg, read=dataclasses.replace(cfg.read, input_format=fmt))
 
 
 def _plan(cfg: JobConfig, index: Any, *, run_id: str, clear_old_plans: bool = False, write_files: bool):
@@ -120,15 +144,8 @@ def _plan(cfg: JobConfig, index: Any, *, run_id: str, clear_old_plans: bool = Fa
             cfg.read, cfg.write.output_uri, cfg.storage, index.done, index.retry, run_id=run_id,
             clear_old_plans=clear_old_plans, write_files=write_files,
         )  # fmt: skip
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        BotoCoreError,
-        ClientError,
-    ) as e:  # a listing task's cause, not Ray's
-        cause = getattr(e, "cause", None) or e
-        raise JobError(f"cannot list the inputs under {cfg.read.input_uri}: {cause}") from e
+    except _LISTING_ERRORS as e:
+        raise _listing_error(cfg, e) from e
 
 
 def _identity(cfg: JobConfig, digest: str) -> dict:

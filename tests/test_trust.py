@@ -258,7 +258,8 @@ def test_a_config_that_is_not_there_or_not_yaml_is_one_line(tmp_path):
 @pytest.mark.parametrize("broken", ["head", "list"])
 def test_storage_errors_during_the_format_check_are_one_line(local_s3, storage_cfg, bucket, tmp_path, broken):
     """The input's format check (a HEAD through pyarrow, a listing through boto3) meets a store that answers 500
-    to it and nothing else: one line naming the cause, no traceback."""
+    to it and nothing else: one line naming the cause, no traceback, before any Ray is joined (the address given
+    has none: joining it first would fail on Ray instead)."""
     from pipeline.demo.scenes import write_voc_dataset
     from tests.faultproxy import FaultProxy
 
@@ -280,6 +281,8 @@ def test_storage_errors_during_the_format_check_are_one_line(local_s3, storage_c
             "--model",
             str(MODEL),
             "--dry-run",
+            "--address",
+            "127.0.0.1:1",
         ]
         env = {"AWS_ACCESS_KEY_ID": "local-demo", "AWS_SECRET_ACCESS_KEY": "local-demo-secret"}
         proc = _deeplab(*args, cwd=tmp_path, env=env)

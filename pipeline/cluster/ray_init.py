@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from pipeline.console.logs import note_ray_session
 
-__all__ = ["init_ray"]
+__all__ = ["check_ray_address", "init_ray"]
+
+
+def check_ray_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when nothing listens at a ``host:port`` Ray address (``ray.init`` would retry for minutes
+    without a word). "auto", "local" and ``ray://`` addresses are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "/" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(
+            f"no Ray cluster answers at {address} ({e.strerror or e}): start one there (`ray start --head`) or "
+            "leave --address and RAY_ADDRESS unset to run on a local Ray"
+        ) from None
 
 
 def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> None:
@@ -26,6 +42,7 @@ def init_ray(address: str | None = None, *, local_cpus: int | None = None) -> No
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
+        check_ray_address(address)
         ray.init(address=address, log_to_driver=False)
     else:
         num_cpus = local_cpus or max(5, os.cpu_count() or 1)

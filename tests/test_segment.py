@@ -217,8 +217,11 @@ def test_cli_reports_bad_config_in_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_resume_after_kill_has_no_gaps_and_no_duplicates(local_s3, checkpoint, storage_cfg, bucket, tmp_path):
-    """SIGKILL the whole driver (and its local Ray) part way, re-run the same command: exactly one row each."""
+def test_resume_after_kill_has_no_gaps_and_no_duplicates(
+    ray_local, local_s3, checkpoint, storage_cfg, bucket, tmp_path
+):
+    """SIGKILL the whole driver (and its local Ray) part way, re-run the same command: exactly one row each. The
+    re-run joins the test's Ray (what it resumes from is in the output, not in Ray): one Ray start fewer."""
     write_voc_dataset(
         f"{bucket}/voc", count=24, size=(96, 72), num_classes=NUM_CLASSES, seed=3, storage_cfg=storage_cfg
     )
@@ -254,7 +257,8 @@ def test_resume_after_kill_has_no_gaps_and_no_duplicates(local_s3, checkpoint, s
     partial = read_output(f"{bucket}/out", storage_cfg)
     assert 0 < len(partial) < 24
 
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    address = ray_local.get_runtime_context().gcs_address
+    done = subprocess.run([*cmd, "--address", address], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = read_output(f"{bucket}/out", storage_cfg)
     assert sorted(rows) == [f"scene_{i:06d}" for i in range(24)]

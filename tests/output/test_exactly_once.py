@@ -207,13 +207,17 @@ def test_the_lease_admits_one_run_and_lapses_for_a_dead_holder(local_s3, storage
         pass
 
 
-def test_two_cli_runs_at_once_then_the_larger_input_completes(local_s3, storage_cfg, bucket, ckpt, tmp_path):
-    """Two operators start one output at once; the input gains an image in between (bar of issue 29)."""
+def test_two_cli_runs_at_once_then_the_larger_input_completes(
+    ray_local, local_s3, storage_cfg, bucket, ckpt, tmp_path
+):
+    """Two operators start one output at once; the input gains an image in between (bar of issue 29). The runs are
+    separate driver processes on one cluster (the test's Ray), as two operators submitting to one cluster."""
     scenes = _scenes(f"{bucket}/voc", storage_cfg, count=8)
     out = f"{bucket}/out"
     env = {**os.environ, "AWS_ENDPOINT_URL": storage_cfg.endpoint_url, "RAY_AUTH_MODE": "disabled"}
+    address = ray_local.get_runtime_context().gcs_address
     cmd = [sys.executable, "-m", "pipeline.cli", "segment", "--input", scenes, "--output", out, "--model", ckpt,
-           "--no-evaluate"]  # fmt: skip
+           "--no-evaluate", "--address", address]  # fmt: skip
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not any(k.endswith(LEASE) for k in _objects(out, storage_cfg)):

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["NORMALIZATIONS", "UNARY_CLIP", "CRFConfig", "crf_config_for"]
+__all__ = ["BACKENDS", "NORMALIZATIONS", "UNARY_CLIP", "CRFConfig", "crf_config_for"]
 
 
 # Same clipping as pydensecrf.utils.unary_from_softmax (clip=1e-5): -log(clip(p, 1e-5, 1)).
@@ -19,6 +19,10 @@ UNARY_CLIP = 1e-5
 # libDenseCRF normalisation modes by name. "after" is what the authors' libDenseCRF does (per-pixel
 # normalisation after filtering); "symmetric" is pydensecrf's own default.
 NORMALIZATIONS = ("after", "symmetric", "before", "none")
+
+# Where mean field runs: pydensecrf (the C++ library), numba (stages/crf_numba.py, the same model compiled here),
+# torch (stages/crf_torch.py, any device).
+BACKENDS = ("pydensecrf", "numba", "torch")
 
 # Guard rails measured on pydensecrf2 1.1 (a process per case): sigma 0 or NaN segfaults; a bilateral rgb sigma
 # of 1e-6 (features ~2.6e8) aborts with heap corruption, 1e-4 (features ~2.6e6) still runs. Features are
@@ -56,8 +60,9 @@ class CRFConfig:
         pixels (a faint label on a sliver, which the CRF would smooth away; at most that many pixels depend on
         it). Defaults 0.5 and 5e-4 (~94 pixels of 500x375): 5.3 -> 3.8 labels kept on the demo model's photos,
         99.994 % of pixels equal to the full CRF (docs/performance.md). ``prune_confident_prob: 0`` turns it off.
-    pad_labels_to_multiple: pad the kept label set with inert dummy labels to a multiple of this (1 = no pad).
-    adaptive: stop an image's mean field before ``iterations`` once its labels have settled (pydensecrf backend):
+    pad_labels_to_multiple: pad the kept label set with inert dummy labels to a multiple of this (1 = no pad);
+        pydensecrf and torch backends (numba pads to an even count itself).
+    adaptive: stop an image's mean field before ``iterations`` once its labels have settled (pydensecrf, numba):
         after ``converge_patience`` consecutive iterations in each of which at most ``converge_changed_frac`` of
         the pixels changed label (argmax), capped at ``iterations``. False = the paper's fixed schedule, exactly
         ``iterations`` (bit for bit the stage before adaptive inference). Measured agreement with the fixed
@@ -65,8 +70,11 @@ class CRFConfig:
     converge_changed_frac: label changes per iteration, as a fraction of the image's pixels (0..0.01), that count
         as settled. 1e-4 is ~19 pixels of a 500x375 image. 0 = settled only when no label changed.
     converge_patience: consecutive settled iterations (1..iterations) before inference stops.
-    backend: "pydensecrf" (default, the C++ library in CPU actors) or "torch" (pipeline.stages.crf_torch: the same model
-        in PyTorch ops, any device; agreement with pydensecrf in docs/crf-backends.md).
+    backend: one of BACKENDS. "numba" (default): pipeline.stages.crf_numba, libDenseCRF's model and lattice
+        compiled with numba, marginals within float rounding of pydensecrf's at 1.5-2.5x less CPU per image
+        (docs/performance.md); an image whose lattice keys do not fit its packed fields runs pydensecrf.
+        "pydensecrf": the C++ library itself. "torch" (pipeline.stages.crf_torch): the same model in PyTorch ops,
+        any device (agreement with pydensecrf in docs/crf-backends.md).
     device: "cpu" (default) or "cuda": where the torch backend runs. "cuda" runs the CRF in the DCNN actor on its
         GPU (no CRF actors) and needs backend "torch"; that actor fails at start when torch sees no CUDA device.
     """
@@ -85,7 +93,7 @@ class CRFConfig:
     adaptive: bool = True
     converge_changed_frac: float = 1e-4
     converge_patience: int = 2
-    backend: str = "pydensecrf"
+    backend: str = "numba"
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -111,8 +119,8 @@ def _validate_config(cfg: CRFConfig) -> None:
     if isinstance(m, bool) or not isinstance(m, int | np.integer) or not 1 <= m <= 64:
         raise ValueError(f"pad_labels_to_multiple: expected an int in 1..64, got {m!r}")
     _validate_adaptive(cfg)
-    if cfg.backend not in ("pydensecrf", "torch"):
-        raise ValueError(f"backend: expected 'pydensecrf' or 'torch', got {cfg.backend!r}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {cfg.backend!r}")
     if cfg.device not in ("cpu", "cuda"):
         raise ValueError(f"device: expected 'cpu' or 'cuda', got {cfg.device!r}")
     # Whether CUDA is there is checked where the CRF runs (the DCNN actor), not here: the driver may have no GPU.

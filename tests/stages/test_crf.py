@@ -201,7 +201,12 @@ def test_unpruned_refine_equals_plain_pydensecrf(name, flag):
     """Normalisation "after" = NORMALIZE_AFTER (libDenseCRF's per-pixel normalisation), "symmetric" = pydensecrf's default."""
     image, _, probs = _scene(60, 80, seed=3)
     cfg = crf_config_for(
-        "deeplab-largefov", normalization=name, prune_threshold=0.0, pad_labels_to_multiple=1, adaptive=False
+        "deeplab-largefov",
+        normalization=name,
+        prune_threshold=0.0,
+        pad_labels_to_multiple=1,
+        adaptive=False,
+        backend="pydensecrf",
     )
     labels, refined = refine(image, probs, cfg, return_probs=True)
     expected = _plain(image, probs, cfg, flag)
@@ -212,7 +217,9 @@ def test_unpruned_refine_equals_plain_pydensecrf(name, flag):
 def test_adaptive_run_to_the_cap_equals_the_library_inference_bit_for_bit():
     """Stepping mean field from Python (startInference/stepInference) is the same update as ``inference``."""
     image, _, probs = _scene(60, 80, seed=5)
-    never = crf_config_for("deeplab-largefov", prune_threshold=0.0, pad_labels_to_multiple=1)
+    never = crf_config_for(
+        "deeplab-largefov", prune_threshold=0.0, pad_labels_to_multiple=1, backend="pydensecrf"
+    )
     never = dataclasses.replace(never, converge_changed_frac=0.0, converge_patience=never.iterations)
     stepped = refine_detailed(image, probs, never, return_probs=True)
     fixed = refine_detailed(image, probs, dataclasses.replace(never, adaptive=False), return_probs=True)

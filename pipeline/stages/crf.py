@@ -370,6 +370,40 @@ def refine_detailed(
 # ---------------------------------------------------------------------------------------------------------------
 # Stage class
 
+# pipeline.model.deeplab.OUTPUT_STRIDE; that module imports torch, which CRF actors do without (~1.6 s of CPU and
+# ~300 MB per actor) unless the torch backend runs.
+_STRIDE = 8
+
+
+def upsample_logits_np(logits: np.ndarray, height: int, width: int, *, offset: int = 0) -> np.ndarray:
+    """pipeline.model.deeplab.upsample_logits in numpy: Caffe's bilinear x8 (align_corners, to 8 * (h - 1) + 1)
+    then the crop [offset : offset + height, offset : offset + width]; (C, h, w) -> float32 (C, height, width).
+
+    With a factor of exactly 8 an output row y reads input rows y // 8 and y // 8 + 1 with weight (y % 8) / 8, so
+    only the crop is computed. Equal to the torch function within float rounding (tests/stages/test_crf.py).
+    """
+    num, h, w = logits.shape
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    up_h, up_w = _STRIDE * (h - 1) + 1, _STRIDE * (w - 1) + 1
+    if up_h < offset + height or up_w < offset + width:
+        raise ValueError(
+            f"logits {h}x{w} upsample to {up_h}x{up_w}, too small for a {height}x{width} crop at offset {offset}: "
+            f"need at least {offset + height}x{offset + width}"
+        )
+    x = np.asarray(logits, dtype=np.float32)
+
+    def taps(start: int, count: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.arange(start, start + count)
+        lo = pos // _STRIDE
+        frac = ((pos % _STRIDE) / np.float32(_STRIDE)).astype(np.float32)
+        return lo, np.minimum(lo + 1, size - 1), frac
+
+    y0, y1, fy = taps(offset, height, h)
+    x0, x1, fx = taps(offset, width, w)
+    rows = x[:, y0, :] * (1 - fy)[:, None] + x[:, y1, :] * fy[:, None]  # (C, height, w)
+    return np.ascontiguousarray(rows[:, :, x0] * (1 - fx) + rows[:, :, x1] * fx, dtype=np.float32)
+
 
 def _node_id() -> str:
     """Ray node id when running inside an initialised Ray process, else "local" (ray is imported lazily)."""
@@ -415,19 +449,14 @@ class CRFRefiner:
 
     def _probs(self, logits: Any, height: int, width: int, offset: int) -> np.ndarray:
         """float16 (C, h, w) stride-8 logits -> float32 (C, H, W) softmax probabilities (Caffe x8 upsampling)."""
-        import torch
-
-        from pipeline.model.deeplab import upsample_logits
-
         if not isinstance(logits, np.ndarray) or logits.ndim != 3:
             shape = getattr(logits, "shape", None)
             raise ValueError(f"logits: expected a (C, h, w) array, got {type(logits).__name__} shape {shape}")
-        # np.array copies: a read-only Ray buffer can't back a torch tensor safely.
-        scores = torch.from_numpy(np.array(logits, dtype=np.float32))  # (C, h, w)
-        with torch.no_grad():
-            up = upsample_logits(scores, int(height), int(width), offset=int(offset))  # (C, H, W)
-            probs = torch.softmax(up, dim=-3)
-        return probs.numpy()
+        up = upsample_logits_np(logits, int(height), int(width), offset=int(offset))  # (C, H, W)
+        up -= up.max(axis=0)
+        np.exp(up, out=up)
+        up /= up.sum(axis=0)
+        return up
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self._node is None:

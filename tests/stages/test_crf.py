@@ -24,6 +24,7 @@ from pipeline.stages.crf import (
     refine,
     refine_detailed,
     unary_from_probs,
+    upsample_logits_np,
 )
 
 NUM_CLASSES = 21
@@ -564,3 +565,47 @@ def test_a_crf_out_of_memory_row_is_retryable(monkeypatch):
     out = CRFRefiner(crf_config_for("deeplab-largefov"))(batch)
     assert list(out[S.STATUS]) == [S.ErrorKind.CRF, S.OK] and "MemoryError" in out[S.ERROR][0]
     assert list(out[S.RETRYABLE]) == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "height", "width", "offset"),
+    [(7, 9, 41, 50, 7), (7, 9, 49, 65, 0), (48, 64, 375, 500, 0), (2, 3, 9, 1, 0)],
+)
+def test_numpy_upsampling_equals_the_model_upsampling(h, w, height, width, offset):
+    """The CRF stage's x8 upsampling (numpy, no torch in CRF actors) is the model's Caffe Interp + crop."""
+    import pipeline.stages.crf as crf_module
+    from pipeline.model.deeplab import OUTPUT_STRIDE
+
+    assert crf_module._STRIDE == OUTPUT_STRIDE
+    logits = np.random.default_rng(h * w).normal(0, 4, (21, h, w)).astype(np.float16)
+    ours = upsample_logits_np(logits, height, width, offset=offset)
+    model = upsample_logits(torch.from_numpy(logits.astype(np.float32)), height, width, offset=offset).numpy()
+    assert ours.shape == model.shape == (21, height, width) and ours.dtype == np.float32
+    assert np.abs(ours - model).max() <= 1e-5 * max(1.0, float(np.abs(model).max()))
+
+
+def test_numpy_upsampling_refuses_a_crop_the_logits_do_not_cover():
+    with pytest.raises(ValueError, match="upsample to 49x65, too small for a 50x50 crop at offset 0"):
+        upsample_logits_np(np.zeros((3, 7, 9), np.float16), 50, 50)
+    with pytest.raises(ValueError, match="offset must be >= 0"):
+        upsample_logits_np(np.zeros((3, 7, 9), np.float16), 5, 5, offset=-1)
+
+
+def test_the_crf_stage_runs_without_importing_torch():
+    """CRF actors with the default backend never load torch (~1.6 s of CPU and ~300 MB per actor)."""
+    code = (
+        "import sys, numpy as np\n"
+        "from pipeline import schema as S\n"
+        "from pipeline.stages.crf import CRFRefiner, CRFConfig\n"
+        "image = np.zeros((40, 50, 3), np.uint8); image[:, 25:] = 200\n"
+        "logits = np.zeros((3, 7, 8), np.float16); logits[0, :, :4] = 5; logits[1, :, 4:] = 5\n"
+        "batch = {S.ID: np.array(['a']), S.STATUS: np.array([S.OK]), S.ERROR: np.array([None], dtype=object),\n"
+        "         S.IMAGE: np.stack([image]), S.LOGITS: np.stack([logits])}\n"
+        "out = CRFRefiner(CRFConfig())(batch)\n"
+        "mask = out[S.MASK][0]\n"
+        "print(out[S.STATUS][0], int(mask[:, :20].max()), int(mask[:, 30:].min()), 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.split() == [S.OK, "0", "1", "False"], out.stdout + out.stderr

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from ray.data import ActorPoolStrategy
 
-from pipeline.flow import bound_run_ahead
+from pipeline.cluster.pools import PoolPlan
+from pipeline.flow import block_rows, bound_run_ahead
 
 ROWS = 40
 # 256 KiB per row: the count ahead is what is measured, and a small row is produced fast even on a loaded machine.
@@ -113,3 +114,14 @@ def test_a_part_storage_refuses_stops_the_job_with_a_storage_outage():
     down = StorageConfig(endpoint_url="http://127.0.0.1:9", max_attempts=1, connect_timeout_s=1)
     with pytest.raises(StorageOutage, match=r"^storage outage: cannot commit a part under s3://nowhere/out"):
         write_rows(_rows(["a"], ["ok"], [False], [""]), "s3://nowhere/out", down)
+
+
+def test_block_rows_cut_a_small_job_into_16_blocks_per_actor():
+    plan = PoolPlan(dcnn_num_gpus=0.0, dcnn_num_cpus=1.0, dcnn_size=(1, 1), crf_size=(2, 2), crf_resources={})
+    assert block_rows(200, plan, 250) == 7  # 29 blocks: the first CRF block waits for 7 DCNN rows, not 25
+    assert block_rows(3, plan, 250) == 1
+    assert block_rows(1_000_000, plan, 250) == 250  # large jobs keep the configured block size
+    big = PoolPlan(
+        dcnn_num_gpus=1.0, dcnn_num_cpus=1.0, dcnn_size=(8, 8), crf_size=(64, 64), crf_resources={}
+    )
+    assert block_rows(100_000, big, 250) == 98

@@ -367,6 +367,37 @@ def _normalise_and_splat(e, q, active, g_off, g_bary, g_pre, g_vals, b_off, b_ba
             _splat2(b_off, b_bary, b_vals, i, bp, four, q0, q1)
 
 
+@nb.njit(cache=True, nogil=True)
+def _start(unary, num, active):  # noqa: ANN001, ANN202
+    """unary (M, N) -> (pixel-major unary (N, num) with padding labels at 1e4, exp(-unary - max) (N, num))."""
+    n = unary.shape[1]
+    u = np.full((n, num), np.float32(1e4), np.float32)
+    e = np.zeros((n, num), np.float32)
+    for i in range(n):
+        mx = -unary[0, i]
+        for lab in range(active):
+            u[i, lab] = unary[lab, i]
+            mx = max(mx, -unary[lab, i])
+        for lab in range(active):
+            e[i, lab] = np.float32(math.exp(-u[i, lab] - mx))
+    return u, e
+
+
+@nb.njit(cache=True, nogil=True)
+def _marginals(e, rows, active):  # noqa: ANN001, ANN202
+    """exp(energies) (N, num) -> Q (rows, N): normalised over the active labels, 0 on the others."""
+    n = e.shape[0]
+    out = np.zeros((rows, n), np.float32)
+    for i in range(n):
+        s = np.float32(0.0)
+        for lab in range(active):
+            s += e[i, lab]
+        inv = np.float32(1.0) / s
+        for lab in range(active):
+            out[lab, i] = e[i, lab] * inv
+    return out
+
+
 class _Lattice:
     """One kernel's lattice: where each pixel splats (offsets, bary), the blur neighbours, and the filter of 1."""
 
@@ -434,11 +465,7 @@ def mean_field_numba(
     g_pre, g_post = gauss.scales(normalization, pos[0])
     b_pre, b_post = bil.scales(normalization, bilateral[0])
     num = num_active + num_active % 2  # blocks of 4 and 2 labels; an odd count gets one padding label
-    u = np.full((n, num), np.float32(1e4), dtype=np.float32)
-    u[:, :num_active] = unary[:num_active].T
-    e = -u
-    e -= e[:, :num_active].max(axis=1, keepdims=True)
-    np.exp(e, out=e)
+    u, e = _start(unary, num, num_active)
     q = np.zeros((n, num), dtype=np.float32)
     labels = np.zeros(n, dtype=np.uint8)
     g_vals, g_tmp = (np.zeros((gauss.nbrs.shape[1] + 1, num), np.float32) for _ in range(2))
@@ -461,11 +488,7 @@ def mean_field_numba(
             settled = settled + 1 if changed <= budget else 0
             if settled >= patience:
                 break
-    e[:, num_active:] = 0.0
-    e /= e[:, :num_active].sum(axis=1, keepdims=True)
-    out = np.zeros((num_rows, n), dtype=np.float32)
-    out[:num_active] = e[:, :num_active].T
-    return out, iteration
+    return _marginals(e, num_rows, num_active), iteration
 
 
 def warm_up() -> None:

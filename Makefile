@@ -51,6 +51,7 @@ lint: setup
 
 bench: setup
 	$(BIN)/python bench/crf.py
+	$(BIN)/python bench/peer.py --images 200
 	$(BIN)/python bench/dcnn.py
 	$(BIN)/python bench/cores.py
 	$(BIN)/python bench/pipeline.py

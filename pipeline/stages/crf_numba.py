@@ -341,6 +341,14 @@ def _splat2(off, bary, vals, i, scale, c, q0, q1):  # noqa: ANN001, ANN202
         vals[o, c + 1] += w * q1
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _inverse_sum(e, i, active):  # noqa: ANN001, ANN202
+    s = np.float32(0.0)
+    for lab in range(active):
+        s += e[i, lab]
+    return np.float32(1.0) / s
+
+
 @nb.njit(cache=True, nogil=True)
 def _normalise_and_splat(e, q, active, g_off, g_bary, g_pre, g_vals, b_off, b_bary, b_pre, b_vals):  # noqa: ANN001, ANN202
     """q = exp(energies) e / their sum over the active labels (padding 0), splatted into both zeroed lattices."""
@@ -349,10 +357,7 @@ def _normalise_and_splat(e, q, active, g_off, g_bary, g_pre, g_vals, b_off, b_ba
     b_vals[:] = 0.0
     four = num - num % 4
     for i in range(n):
-        s = np.float32(0.0)
-        for lab in range(active):
-            s += e[i, lab]
-        inv = np.float32(1.0) / s
+        inv = _inverse_sum(e, i, active)
         for lab in range(active):
             q[i, lab] = e[i, lab] * inv
         gp = g_pre[i]
@@ -389,10 +394,7 @@ def _marginals(e, rows, active):  # noqa: ANN001, ANN202
     n = e.shape[0]
     out = np.zeros((rows, n), np.float32)
     for i in range(n):
-        s = np.float32(0.0)
-        for lab in range(active):
-            s += e[i, lab]
-        inv = np.float32(1.0) / s
+        inv = _inverse_sum(e, i, active)
         for lab in range(active):
             out[lab, i] = e[i, lab] * inv
     return out

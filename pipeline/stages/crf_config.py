@@ -71,7 +71,7 @@ class CRFConfig:
         as settled. 1e-4 is ~19 pixels of a 500x375 image. 0 = settled only when no label changed.
     converge_patience: consecutive settled iterations (1..iterations) before inference stops.
     backend: one of BACKENDS. "numba" (default): pipeline.stages.crf_numba, libDenseCRF's model and lattice
-        compiled with numba, marginals within float rounding of pydensecrf's at 1.5-2.5x less CPU per image
+        compiled with numba, marginals within float rounding of pydensecrf's at 1.5-2x less CPU per image
         (docs/performance.md); an image whose lattice keys do not fit its packed fields runs pydensecrf.
         "pydensecrf": the C++ library itself. "torch" (pipeline.stages.crf_torch): the same model in PyTorch ops,
         any device (agreement with pydensecrf in docs/crf-backends.md).

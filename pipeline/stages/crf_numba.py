@@ -24,12 +24,13 @@ import math
 import numba as nb
 import numpy as np
 
+from pipeline.stages.crf_config import NORMALIZATIONS
+
 __all__ = ["mean_field_numba"]
 
 # Multiplicative hashing (Knuth): 0x9E3779B97F4A7C15 as an int64; the table index is the product's high bits.
 _GOLDEN = np.int64(-7046029254386353131)
 _MAX_FIELD_BITS = 20  # a d=2 key still packs in 40 bits; wider fields only waste range checks
-_NORMALIZATIONS = ("after", "symmetric", "before", "none")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -454,8 +455,11 @@ def mean_field_numba(
     patience, first counted iteration) stops once the labels have settled (crf.CRFConfig.adaptive); None runs
     all ``iterations``. Returns None when the image's lattice keys do not fit (run pydensecrf instead).
     """
-    if normalization not in _NORMALIZATIONS:
-        raise ValueError(f"normalization: expected one of {_NORMALIZATIONS}, got {normalization!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization: expected one of {NORMALIZATIONS}, got {normalization!r}")
+    # The kernels are compiled (and cached) for C-contiguous uint8 images and float32 unaries.
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    unary = np.ascontiguousarray(unary, dtype=np.float32)
     height, width = image.shape[:2]
     num_rows, n = unary.shape
     gauss = _gaussian_lattice(height, width, float(pos[1]))

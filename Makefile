@@ -8,11 +8,12 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# The last step compiles the CRF's numba kernels into numba's cache once (~5 s) instead of in each CRF actor of a
+# first run.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,dev]'
-	# The CRF's numba kernels, compiled once into numba's cache (~5 s) instead of in each CRF actor of a first run.
 	$(BIN)/python -c "from pipeline.stages.crf_numba import warm_up; warm_up()"
 	touch $(STAMP)
 

@@ -371,7 +371,7 @@ def refine_detailed(
 # Stage class
 
 # pipeline.model.deeplab.OUTPUT_STRIDE; that module imports torch, which CRF actors do without (~1.6 s of CPU and
-# ~300 MB per actor) unless the torch backend runs.
+# ~190 MB of RSS per actor) unless the torch backend runs.
 _STRIDE = 8
 
 

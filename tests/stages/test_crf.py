@@ -592,7 +592,7 @@ def test_numpy_upsampling_refuses_a_crop_the_logits_do_not_cover():
 
 
 def test_the_crf_stage_runs_without_importing_torch():
-    """CRF actors with the default backend never load torch (~1.6 s of CPU and ~300 MB per actor)."""
+    """CRF actors with the default backend never load torch (~1.6 s of CPU and ~190 MB per actor)."""
     code = (
         "import sys, numpy as np\n"
         "from pipeline import schema as S\n"

@@ -30,12 +30,14 @@ from pipeline.model.variants import (
     FAMILIES,
     MSC_CHANNELS,
     MSC_TAPS,
+    OUTPUT_STRIDE,
     TRUNK,
     VARIANTS,
     VariantSpec,
     feature_geometry,
     pool_defs,
     receptive_field,
+    upsampled_size,
     variant_spec,
 )
 
@@ -51,11 +53,6 @@ __all__ = [
     "OUTPUT_STRIDE",
 ]
 
-OUTPUT_STRIDE = 8  # every DeepLab v1 variant scores at stride 8 (pool4/pool5 stride 1, atrous conv5/fc6)
-
-# Caffe Interp upsamples by this factor with align_corners semantics: h -> 8 * (h - 1) + 1.
-_UPSAMPLE_FACTOR = OUTPUT_STRIDE
-
 
 def upsample_logits(logits: Tensor, height: int, width: int, *, offset: int = 0) -> Tensor:
     """Caffe ``Interp`` + crop: stride-8 scores (C, h, w) or (N, C, h, w) -> (..., height, width), float32.
@@ -67,17 +64,10 @@ def upsample_logits(logits: Tensor, height: int, width: int, *, offset: int = 0)
     """
     if logits.dim() not in (3, 4):
         raise ValueError(f"logits must be (C, h, w) or (N, C, h, w), got shape {tuple(logits.shape)}")
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
     squeeze = logits.dim() == 3
     x = logits.unsqueeze(0) if squeeze else logits
     h, w = x.shape[-2:]
-    up_h, up_w = _UPSAMPLE_FACTOR * (h - 1) + 1, _UPSAMPLE_FACTOR * (w - 1) + 1
-    if up_h < offset + height or up_w < offset + width:
-        raise ValueError(
-            f"logits {h}x{w} upsample to {up_h}x{up_w}, too small for a {height}x{width} crop at offset {offset}: "
-            f"need at least {offset + height}x{offset + width}"
-        )
+    up_h, up_w = upsampled_size(h, w, height, width, offset)
     # float32: half-precision bilinear is not available on every CPU build and the CRF wants float32 anyway.
     x = x.float()
     if (up_h, up_w) != (h, w):

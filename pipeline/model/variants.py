@@ -118,3 +118,22 @@ def receptive_field(variant: str) -> int:
     _, stride, _ = feature_geometry(spec)
     vgg_cell = 2 ** len(FAMILIES[spec.family])  # every VGG-16 pool halves: 5 pools -> 32 px
     return stride * spec.fc6_dilation * (spec.fc6_kernel - 1) + vgg_cell
+
+
+# --- upsampling geometry ----------------------------------------------------------------------------------------
+
+OUTPUT_STRIDE = 8  # every DeepLab v1 variant scores at stride 8 (pool4/pool5 stride 1, atrous conv5/fc6)
+
+
+def upsampled_size(h: int, w: int, height: int, width: int, offset: int) -> tuple[int, int]:
+    """Caffe Interp's x8 size with align_corners, 8 * (h - 1) + 1 by 8 * (w - 1) + 1, checked to cover the crop
+    [offset : offset + height, offset : offset + width]; raises ValueError otherwise."""
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    up_h, up_w = OUTPUT_STRIDE * (h - 1) + 1, OUTPUT_STRIDE * (w - 1) + 1
+    if up_h < offset + height or up_w < offset + width:
+        raise ValueError(
+            f"logits {h}x{w} upsample to {up_h}x{up_w}, too small for a {height}x{width} crop at offset {offset}: "
+            f"need at least {offset + height}x{offset + width}"
+        )
+    return up_h, up_w

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.model.variants import OUTPUT_STRIDE, upsampled_size
 from pipeline.schema import (
     ERROR,
     ID,
@@ -370,33 +371,24 @@ def refine_detailed(
 # ---------------------------------------------------------------------------------------------------------------
 # Stage class
 
-# pipeline.model.deeplab.OUTPUT_STRIDE; that module imports torch, which CRF actors do without (~1.6 s of CPU and
-# ~190 MB of RSS per actor) unless the torch backend runs.
-_STRIDE = 8
-
 
 def upsample_logits_np(logits: np.ndarray, height: int, width: int, *, offset: int = 0) -> np.ndarray:
     """pipeline.model.deeplab.upsample_logits in numpy: Caffe's bilinear x8 (align_corners, to 8 * (h - 1) + 1)
     then the crop [offset : offset + height, offset : offset + width]; (C, h, w) -> float32 (C, height, width).
 
     With a factor of exactly 8 an output row y reads input rows y // 8 and y // 8 + 1 with weight (y % 8) / 8, so
-    only the crop is computed. Equal to the torch function within float rounding (tests/stages/test_crf.py).
+    only the crop is computed. Equal to the torch function within float rounding (tests/stages/test_crf.py). Not
+    the torch function itself: CRF actors do without torch (~1.6 s of CPU and ~190 MB of RSS per actor) unless the
+    torch backend runs.
     """
-    num, h, w = logits.shape
-    if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
-    up_h, up_w = _STRIDE * (h - 1) + 1, _STRIDE * (w - 1) + 1
-    if up_h < offset + height or up_w < offset + width:
-        raise ValueError(
-            f"logits {h}x{w} upsample to {up_h}x{up_w}, too small for a {height}x{width} crop at offset {offset}: "
-            f"need at least {offset + height}x{offset + width}"
-        )
+    _, h, w = logits.shape
+    upsampled_size(h, w, height, width, offset)
     x = np.asarray(logits, dtype=np.float32)
 
     def taps(start: int, count: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         pos = np.arange(start, start + count)
-        lo = pos // _STRIDE
-        frac = ((pos % _STRIDE) / np.float32(_STRIDE)).astype(np.float32)
+        lo = pos // OUTPUT_STRIDE
+        frac = ((pos % OUTPUT_STRIDE) / np.float32(OUTPUT_STRIDE)).astype(np.float32)
         return lo, np.minimum(lo + 1, size - 1), frac
 
     y0, y1, fy = taps(offset, height, h)

@@ -576,7 +576,7 @@ def test_numpy_upsampling_equals_the_model_upsampling(h, w, height, width, offse
     import pipeline.stages.crf as crf_module
     from pipeline.model.deeplab import OUTPUT_STRIDE
 
-    assert crf_module._STRIDE == OUTPUT_STRIDE
+    assert crf_module.OUTPUT_STRIDE == OUTPUT_STRIDE
     logits = np.random.default_rng(h * w).normal(0, 4, (21, h, w)).astype(np.float16)
     ours = upsample_logits_np(logits, height, width, offset=offset)
     model = upsample_logits(torch.from_numpy(logits.astype(np.float32)), height, width, offset=offset).numpy()

@@ -351,24 +351,23 @@ def _inverse_sum(e, i, active):  # noqa: ANN001, ANN202
 
 
 @nb.njit(cache=True, nogil=True)
-def _normalise_and_splat(e, q, active, g_off, g_bary, g_pre, g_vals, b_off, b_bary, b_pre, b_vals):  # noqa: ANN001, ANN202
-    """q = exp(energies) e / their sum over the active labels (padding 0), splatted into both zeroed lattices."""
+def _normalise_and_splat(e, active, g_off, g_bary, g_pre, g_vals, b_off, b_bary, b_pre, b_vals):  # noqa: ANN001, ANN202
+    """Q = exp(energies) e / their sum over the active labels, splatted into both zeroed lattices (a padding
+    label's e is exactly 0, so is its Q)."""
     n, num = e.shape
     g_vals[:] = 0.0
     b_vals[:] = 0.0
     four = num - num % 4
     for i in range(n):
         inv = _inverse_sum(e, i, active)
-        for lab in range(active):
-            q[i, lab] = e[i, lab] * inv
         gp = g_pre[i]
         bp = b_pre[i]
         for c in range(0, four, 4):
-            q0, q1, q2, q3 = q[i, c], q[i, c + 1], q[i, c + 2], q[i, c + 3]
+            q0, q1, q2, q3 = e[i, c] * inv, e[i, c + 1] * inv, e[i, c + 2] * inv, e[i, c + 3] * inv
             _splat4(g_off, g_bary, g_vals, i, gp, c, q0, q1, q2, q3)
             _splat4(b_off, b_bary, b_vals, i, bp, c, q0, q1, q2, q3)
         if four < num:
-            q0, q1 = q[i, four], q[i, four + 1]
+            q0, q1 = e[i, four] * inv, e[i, four + 1] * inv
             _splat2(g_off, g_bary, g_vals, i, gp, four, q0, q1)
             _splat2(b_off, b_bary, b_vals, i, bp, four, q0, q1)
 
@@ -472,7 +471,6 @@ def mean_field_numba(
     b_pre, b_post = bil.scales(normalization, bilateral[0])
     num = num_active + num_active % 2  # blocks of 4 and 2 labels; an odd count gets one padding label
     u, e = _start(unary, num, num_active)
-    q = np.zeros((n, num), dtype=np.float32)
     labels = np.zeros(n, dtype=np.uint8)
     g_vals, g_tmp = (np.zeros((gauss.nbrs.shape[1] + 1, num), np.float32) for _ in range(2))
     b_vals, b_tmp = (np.zeros((bil.nbrs.shape[1] + 1, num), np.float32) for _ in range(2))
@@ -482,7 +480,7 @@ def mean_field_numba(
     while iteration < iterations:
         iteration += 1
         _normalise_and_splat(
-            e, q, num_active, gauss.offsets, gauss.bary, g_pre, g_vals, bil.offsets, bil.bary, b_pre, b_vals
+            e, num_active, gauss.offsets, gauss.bary, g_pre, g_vals, bil.offsets, bil.bary, b_pre, b_vals
         )
         g = _blur(gauss.nbrs, g_vals, g_tmp)
         b = _blur(bil.nbrs, b_vals, b_tmp)
